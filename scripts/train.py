@@ -1,0 +1,8 @@
+"""Train a classifier with every epoch tracked in MLflow: `python scripts/train.py --help`."""
+
+import sys
+
+from dlharness.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

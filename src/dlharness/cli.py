@@ -1,0 +1,163 @@
+"""Command line: flags ↔ config, and bad input reported on one line with exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from dlharness.config import (
+    ACCELERATORS,
+    DATASETS,
+    MODELS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SCHEDULERS,
+    TrainConfig,
+    load_config,
+)
+from dlharness.errors import UsageError
+
+EXIT_USAGE = 2
+
+# (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
+FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
+    ("--accelerator", "trainer.accelerator", str, ACCELERATORS, "device kind"),
+    ("--devices", "trainer.devices", str, None, "auto, a count, or GPU ids like 0,1"),
+    ("--precision", "trainer.precision", str, PRECISIONS, "numeric precision"),
+    ("--max-epochs", "trainer.max_epochs", int, None, "epochs to train"),
+    ("--batch-size", "data.batch_size", int, None, "samples per batch"),
+    ("--lr", "optim.lr", float, None, "learning rate"),
+    ("--optimizer", "optim.optimizer", str, OPTIMIZERS, "optimizer"),
+    ("--scheduler", "optim.scheduler", str, SCHEDULERS, "learning-rate schedule"),
+    ("--seed", "seed", int, None, "seed for splits, init, shuffling"),
+    ("--dataset", "data.dataset", str, DATASETS, "data set"),
+    ("--data-dir", "data.data_dir", str, None, "data root, or the image folder for imagefolder"),
+    ("--num-workers", "data.num_workers", int, None, "data-loader worker processes"),
+    ("--model", "model.name", str, MODELS, "network"),
+    ("--experiment", "tracking.experiment", str, None, "MLflow experiment name"),
+    ("--run-name", "tracking.run_name", str, None, "MLflow run name"),
+    ("--tracking-uri", "tracking.tracking_uri", str, None,
+     "MLflow tracking URI (else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+)  # fmt: skip
+
+
+CONFIG_DESTS = frozenset({dotted for _, dotted, *_ in FLAGS} | {"data.download"})
+
+
+def _default_of(dotted: str) -> Any:
+    node: Any = TrainConfig()
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage dump) and exits with code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _OneLineParser(
+        prog="dlharness-train",
+        description="Train an image classifier with every epoch tracked in MLflow.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags override values from --config; --print-config shows the result.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="YAML config (default: none; the built-in defaults equal configs/default.yaml)",
+    )
+    for flag, dotted, type_, choices, text in FLAGS:
+        parser.add_argument(
+            flag,
+            dest=dotted,
+            type=type_,
+            choices=choices,
+            metavar=None if choices else flag.lstrip("-").upper().replace("-", "_"),
+            default=None,
+            help=f"{text} (default: {_default_of(dotted)})",
+        )
+    parser.add_argument(
+        "--download",
+        dest="data.download",
+        action="store_const",
+        const=True,
+        default=None,
+        help="allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)",
+    )
+    parser.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MLflow run tag, repeatable (default: none)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    return parser
+
+
+def parse_tags(items: Sequence[str]) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--tag expects KEY=VALUE, got '{item}'")
+        tags[key.strip()] = value
+    return tags
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    values = vars(args)
+    overrides = {key: values[key] for key in CONFIG_DESTS if values[key] is not None}
+    tags = parse_tags(args.tag)
+    if tags:
+        overrides["tracking.tags"] = tags
+    return load_config(args.config, overrides)
+
+
+def with_flag_name(message: str) -> str:
+    """'optim.lr must be …' → 'optim.lr (--lr) must be …': name the flag that fixes it."""
+    for flag, dotted, *_ in FLAGS:
+        if message.startswith(f"{dotted} "):
+            return f"{dotted} ({flag}){message[len(dotted) :]}"
+    return message
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Lightning's and MLflow's progress notes as plain lines (MLflow's autolog module would
+    # otherwise install a root handler that prefixes them with INFO:logger.name:).
+    logging.basicConfig(format="%(message)s")
+    # Creating the tables of a fresh SQLite store is routine, not news.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    try:
+        cfg = config_from_args(args)
+        if args.print_config:
+            print(cfg.to_yaml(), end="")
+            return 0
+        # Imported here so that --help and config errors answer without loading torch.
+        from dlharness.train import train
+
+        result = train(cfg)
+    except UsageError as exc:
+        print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+    metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))
+    print(f"run {result.run_id} finished: {metrics}")
+    if result.tracking_uri.startswith(("http://", "https://")):
+        print(f"compare epochs: {result.tracking_uri}/#/experiments/{result.experiment_id}")
+    else:
+        print(f"compare epochs: mlflow ui --backend-store-uri {result.tracking_uri}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

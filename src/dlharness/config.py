@@ -1,0 +1,280 @@
+"""The typed run configuration: dataclasses, YAML loading, overrides and validation.
+
+One `TrainConfig` describes a whole run. It is built from the dataclass defaults, then a YAML
+file, then CLI overrides (dotted paths such as ``optim.lr``), and validated at once so that a
+bad value stops the program before any data is read or any MLflow run is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dlharness.errors import UsageError
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
+MODELS = ("cnn", "resnet18")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine")
+ACCELERATORS = ("auto", "cpu", "gpu", "mps")
+PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"
+    # Root for torchvision data sets (they live in sub-folders) or the image folder itself.
+    data_dir: str = "data"
+    download: bool = False
+    batch_size: int = 64
+    num_workers: int = 0
+    # Fractions of the whole set for digits/imagefolder; for torchvision sets, whose test split
+    # is fixed, val_fraction is taken from the official training split and test_fraction unused.
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # Square side in pixels that images are resized to; null keeps the data set's own size
+    # (imagefolder needs one because its files may differ in size).
+    image_size: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cnn"
+    # Channels of the first conv stage of the small CNN; doubled at each downsampling.
+    width: int = 32
+    dropout: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"
+    lr: float = 0.003
+    weight_decay: float = 0.0001
+    # Used by sgd only.
+    momentum: float = 0.9
+    scheduler: str = "cosine"
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 20
+    accelerator: str = "auto"
+    devices: int | str = "auto"
+    precision: str = "32"
+    deterministic: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
+    tracking_uri: str | None = None
+    experiment: str = "dlharness"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    autolog: bool = True
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def resolved_tracking_uri(self) -> str:
+        return (
+            self.tracking.tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or DEFAULT_TRACKING_URI
+        )
+
+
+def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested mappings into dotted keys: ``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_config(
+    path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = ()
+) -> TrainConfig:
+    """Build a validated config from the defaults, an optional YAML file and dotted overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = read_yaml(Path(path))
+    for dotted, value in dict(overrides).items():
+        set_dotted(data, dotted, value)
+    cfg = from_dict(TrainConfig, data)
+    validate(cfg)
+    return cfg
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise UsageError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(
+            f"config file {path}: expected a mapping of sections, got {type(data).__name__}"
+        )
+    return data
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UsageError(f"config key '{part}' must be a section, got {child!r}")
+        node = child
+    if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
+        node[leaf] = {**node[leaf], **value}
+    else:
+        node[leaf] = value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, refusing unknown keys and values of the wrong type."""
+    if not isinstance(data, Mapping):
+        raise UsageError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise UsageError(
+            f"unknown config key '{prefix}{unknown[0]}'; "
+            f"valid keys here: {', '.join(sorted(fields))}"
+        )
+    kwargs = {name: _convert(hints[name], value, f"{prefix}{name}") for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, f"{key}.")
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is not type(None):
+                try:
+                    return _convert(option, value, key)
+                except UsageError:
+                    continue
+        names = " or ".join("null" if o is type(None) else o.__name__ for o in options)
+        raise UsageError(f"config key '{key}' must be {names}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise UsageError(f"config key '{key}' must be a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    # bool is an int subclass in Python; a YAML `true` must not pass as a batch size.
+    if hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is str and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise UsageError(f"config key '{key}' must be {hint.__name__}, got {value!r}")
+
+
+def _choice(key: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise UsageError(f"{key} '{value}' is not one of: {', '.join(valid)}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise UsageError(f"{key} must be a positive number, got {value}")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Check every value whose type is right but whose content can still be wrong."""
+    _choice("data.dataset", cfg.data.dataset, DATASETS)
+    _choice("model.name", cfg.model.name, MODELS)
+    _choice("optim.optimizer", cfg.optim.optimizer, OPTIMIZERS)
+    _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
+    _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
+    _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _positive("optim.lr", cfg.optim.lr)
+    _positive("data.batch_size", cfg.data.batch_size)
+    _positive("trainer.max_epochs", cfg.trainer.max_epochs)
+    _positive("model.width", cfg.model.width)
+    if cfg.data.image_size is not None:
+        _positive("data.image_size", cfg.data.image_size)
+    if cfg.data.num_workers < 0:
+        raise UsageError(f"data.num_workers must be 0 or more, got {cfg.data.num_workers}")
+    for key in ("weight_decay", "momentum"):
+        value = getattr(cfg.optim, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"optim.{key} must be a finite number >= 0, got {value}")
+    if not 0 <= cfg.model.dropout < 1:
+        raise UsageError(f"model.dropout must be in [0, 1), got {cfg.model.dropout}")
+    for key in ("val_fraction", "test_fraction"):
+        value = getattr(cfg.data, key)
+        if not 0 < value < 1:
+            raise UsageError(f"data.{key} must be in (0, 1), got {value}")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
+        raise UsageError("data.val_fraction + data.test_fraction must leave a training split (< 1)")
+    parse_devices(cfg.trainer.devices)
+    if not cfg.tracking.experiment.strip():
+        raise UsageError("tracking.experiment must not be empty")
+    for key in cfg.tracking.tags:
+        if not key.strip():
+            raise UsageError("tag keys must not be empty (use --tag key=value)")
+
+
+def parse_devices(devices: int | str) -> int | str | list[int]:
+    """Turn ``auto`` / ``2`` / ``"0,1"`` into what `lightning.Trainer(devices=...)` takes."""
+    text = str(devices).strip()
+    if text == "auto":
+        return "auto"
+    try:
+        if "," in text:
+            ids = [int(part) for part in text.split(",") if part.strip()]
+            if ids and all(i >= 0 for i in ids):
+                return ids
+        elif int(text) >= 1 or int(text) == -1:
+            return int(text)
+    except ValueError:
+        pass
+    raise UsageError(
+        f"trainer.devices '{devices}' is not valid: "
+        "use auto, a count (1, 2, -1 for all) or GPU ids like 0,1"
+    )

@@ -1,0 +1,1 @@
+"""Networks (`nets`) and the LightningModule that trains any of them (`classifier`)."""

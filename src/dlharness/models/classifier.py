@@ -1,0 +1,114 @@
+"""The LightningModule: any image-classification network, its optimiser and its metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassAUROC,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from dlharness.models.nets import build_net
+
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+
+
+def classification_metrics(num_classes: int) -> MetricCollection:
+    return MetricCollection(
+        {
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "precision": MulticlassPrecision(num_classes, average="macro"),
+            "recall": MulticlassRecall(num_classes, average="macro"),
+            "f1": MulticlassF1Score(num_classes, average="macro"),
+            "auroc": MulticlassAUROC(num_classes, average="macro"),
+        }
+    )
+
+
+class ClassifierModule(L.LightningModule):
+    """Trains `net` with cross-entropy and logs ``{stage}/{metric}`` once per epoch.
+
+    Args:
+        net: The network. When None it is rebuilt from `net_spec`, which is how a checkpoint
+            restores it (the network object itself is not a hyperparameter).
+        net_spec: The description `build_net` understands; also sizes the metrics.
+        optimizer: One of ``adam``, ``adamw``, ``sgd``.
+        lr: Learning rate.
+        weight_decay: L2 penalty (decoupled for adamw).
+        momentum: SGD momentum; ignored by the Adam family.
+        scheduler: ``cosine`` anneals the rate to 0 over `max_epochs`; ``none`` keeps it fixed.
+        max_epochs: Length of the cosine schedule in epochs.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        *,
+        net_spec: dict[str, Any],
+        optimizer: str = "adam",
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        max_epochs: int = 20,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net"])
+        self.net = net if net is not None else build_net(net_spec)
+        metrics = classification_metrics(net_spec["num_classes"])
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        metrics = getattr(self, f"{stage}_metrics")
+        # Metrics in float32 whatever the training precision: AUROC sorts probabilities.
+        metrics.update(logits.detach().float().softmax(dim=-1), y)
+        # Epoch-level only: one value per epoch, logged by MLflow at step = epoch.
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(y), sync_dist=True)  # fmt: skip
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
+                      batch_size=len(y))  # fmt: skip
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_train_epoch_start(self) -> None:
+        lr = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log("train/lr", lr, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        kwargs: dict[str, Any] = {"lr": hp.lr, "weight_decay": hp.weight_decay}
+        if hp.optimizer == "sgd":
+            kwargs["momentum"] = hp.momentum
+        optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)
+        if hp.scheduler == "none":
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
+        }

@@ -1,0 +1,90 @@
+"""Opening, checking and closing MLflow runs; logging a config once per run."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+import requests
+from mlflow.entities import Run, RunStatus
+from mlflow.tracking import MlflowClient
+
+from dlharness.config import TrainConfig, flatten
+from dlharness.errors import UsageError
+
+# A tracking server that does not answer /health within this many seconds counts as down.
+HEALTH_TIMEOUT_S = 5
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Fail fast, before any training, when the tracking store cannot be used."""
+    scheme = urlparse(uri).scheme
+    if scheme == "sqlite":
+        db_path = uri.removeprefix("sqlite:///")
+        parent = Path(db_path).parent if db_path and db_path != ":memory:" else Path()
+        if not parent.is_dir():
+            raise UsageError(
+                f"tracking URI {uri}: folder {parent} does not exist; "
+                "create it or pass another --tracking-uri"
+            )
+        if not os.access(parent, os.W_OK):
+            raise UsageError(f"tracking URI {uri}: folder {parent} is not writable")
+    elif scheme in ("http", "https"):
+        try:
+            response = requests.get(f"{uri.rstrip('/')}/health", timeout=HEALTH_TIMEOUT_S)
+        except requests.RequestException as exc:
+            raise UsageError(
+                f"cannot reach the MLflow tracking server at {uri} ({type(exc).__name__}); "
+                "start it or pass another --tracking-uri"
+            ) from None
+        if response.status_code != 200:
+            raise UsageError(
+                f"MLflow tracking server at {uri} answered /health with HTTP {response.status_code}"
+            )
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as exc:
+        raise UsageError(f"tracking URI {uri} is not usable: {_first_line(exc)}") from None
+
+
+def set_experiment(uri: str, name: str) -> str:
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.set_experiment(name).experiment_id
+    except mlflow.exceptions.MlflowException as exc:
+        raise UsageError(f"experiment '{name}': {_first_line(exc)}") from None
+
+
+@contextlib.contextmanager
+def tracked_run(cfg: TrainConfig) -> Iterator[Run]:
+    """Start an MLflow run and always end it: FINISHED, KILLED on Ctrl-C, FAILED otherwise.
+
+    MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
+    exits through `sys.exit` in between; closing the run here keeps the store truthful.
+    """
+    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=cfg.tracking.tags or None)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        raise
+    except BaseException:
+        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        raise
+    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def log_config(cfg: TrainConfig) -> None:
+    """The resolved config, whole: flattened into params and as `config.yaml`."""
+    params = flatten(cfg.to_dict())
+    mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
+    mlflow.log_text(cfg.to_yaml(), "config.yaml")

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real SQLite tracking store per test, tiny real configs, one default run."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+from dlharness.config import TrainConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def store_uri(folder: Path) -> str:
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def make_store(folder: Path, experiment: str = "tests") -> str:
+    """A fresh SQLite store whose experiment keeps its artifacts inside `folder`."""
+    uri = store_uri(folder)
+    MlflowClient(uri).create_experiment(
+        experiment, artifact_location=(folder / "artifacts").as_uri()
+    )
+    return uri
+
+
+def tiny_config(uri: str, **overrides) -> TrainConfig:
+    """The digits set with a narrow CNN for a few epochs: seconds per run on 2 cores."""
+    values = {
+        "trainer.max_epochs": 2,
+        "trainer.accelerator": "cpu",
+        "data.batch_size": 128,
+        "model.width": 8,
+        "tracking.tracking_uri": uri,
+        "tracking.experiment": "tests",
+    }
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def run_statuses(uri: str) -> list[str]:
+    client = MlflowClient(uri)
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments]) if experiments else []
+    return [r.info.status for r in runs]
+
+
+def assert_nothing_running(uri: str) -> None:
+    assert RunStatus.to_string(RunStatus.RUNNING) not in run_statuses(uri)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(extra)
+    return env
+
+
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> str:
+    return make_store(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_active_run():
+    """A test that leaves an MLflow run active would make the next test's run fail to start."""
+    yield
+    while mlflow.active_run() is not None:
+        mlflow.end_run()
+
+
+@pytest.fixture(scope="session")
+def default_run(tmp_path_factory: pytest.TempPathFactory):
+    """The default config (digits, 20 epochs), trained once and read back by many tests."""
+    folder = tmp_path_factory.mktemp("default_run")
+    uri = make_store(folder, experiment="dlharness")
+    cfg = load_config(REPO / "configs" / "default.yaml", {"tracking.tracking_uri": uri})
+    cfg = dataclasses.replace(
+        cfg, tracking=dataclasses.replace(cfg.tracking, tags={"author": "tests"})
+    )
+    from dlharness.train import train
+
+    return cfg, train(cfg)

@@ -1,0 +1,191 @@
+"""The command line: help, overrides, and bad input → one line, exit code 2, no RUNNING run."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from dlharness.cli import FLAGS, build_parser, main
+
+from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, run_statuses
+
+TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
+
+
+def run_main(argv, capsys):
+    capsys.readouterr()  # drop what fixtures printed
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits by itself
+        code = exc.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_help_shows_every_flag_with_its_default(capsys):
+    code, out, _ = run_main(["--help"], capsys)
+    assert code == 0
+    flags = [f[0] for f in FLAGS] + ["--config", "--download", "--tag", "--print-config"]
+    for flag in flags:
+        assert flag in out, flag
+    parser = build_parser()
+    for action in parser._actions:
+        if action.option_strings and action.dest not in ("help", "print_config"):
+            assert "(default:" in action.help, action.option_strings
+
+
+def test_print_config_shows_the_overridden_config(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  max_epochs: 7\n")
+    argv = [
+        "--config",
+        str(path),
+        "--lr",
+        "0.02",
+        "--optimizer",
+        "sgd",
+        "--tag",
+        "a=1",
+        "--tag",
+        "b=x=y",
+        "--devices",
+        "2",
+        "--print-config",
+    ]
+    code, out, _ = run_main(argv, capsys)
+    assert code == 0
+    printed = yaml.safe_load(out)
+    assert printed["trainer"]["max_epochs"] == 7
+    assert printed["optim"] == {**printed["optim"], "lr": 0.02, "optimizer": "sgd"}
+    assert printed["tracking"]["tags"] == {"a": "1", "b": "x=y"}
+    assert printed["trainer"]["devices"] == "2"
+
+
+def _bad_inputs(tmp_path: Path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim: [1, 2\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("optim:\n  learning_rate: 1\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    if torch.cuda.is_available():
+        gpu_case = (["--accelerator", "gpu", "--devices", "64"], "GPU(s) visible")
+    else:
+        gpu_case = (["--accelerator", "gpu"], "--accelerator cpu")
+    return [
+        gpu_case,
+        (["--dataset", "imagenet"], "invalid choice"),
+        (["--model", "vit"], "invalid choice"),
+        (["--optimizer", "lion"], "invalid choice"),
+        (["--lr", "0"], "optim.lr (--lr) must be a positive number"),
+        (["--lr=-0.1"], "must be a positive number"),
+        (["--lr", "nan"], "must be a positive number"),
+        (["--batch-size", "0"], "data.batch_size (--batch-size) must be a positive number"),
+        (["--batch-size", "many"], "invalid int value"),
+        (["--max-epochs", "0"], "trainer.max_epochs (--max-epochs) must be a positive number"),
+        (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")], "does not exist"),
+        (["--dataset", "mnist", "--data-dir", str(empty)], "pass --download"),
+        (["--tag", "novalue"], "--tag expects KEY=VALUE"),
+        (["--tag", "=x"], "--tag expects KEY=VALUE"),
+        (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
+        (["--config", str(bad_yaml)], "YAML syntax error"),
+        (["--config", str(unknown_key)], "unknown config key 'optim.learning_rate'"),
+        (["--precision", "16-mixed", "--accelerator", "cpu"], "use bf16-mixed or 32"),
+        (["--devices", "0,1", "--accelerator", "cpu"], "on CPU give a count"),
+        (["--devices", "two"], "is not valid"),
+    ]
+
+
+def test_bad_input_gives_one_line_exit_2_and_no_run(tmp_path, capsys, store):
+    for argv, expected in _bad_inputs(tmp_path):
+        code, out, err = run_main([*argv, "--tracking-uri", store, "--experiment", "tests"], capsys)
+        assert code == 2, argv
+        assert expected in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, (argv, err)
+        assert "Traceback" not in err + out
+    assert run_statuses(store) == []
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        lambda tmp: f"http://127.0.0.1:{closed_port()}",
+        lambda tmp: f"sqlite:///{tmp}/no/such/dir/mlflow.db",
+    ],
+    ids=["server-down", "missing-folder"],
+)
+def test_unusable_tracking_uri_fails_before_training(tmp_path, capsys, uri):
+    code, out, err = run_main(["--tracking-uri", uri(tmp_path)], capsys)
+    assert code == 2
+    assert err.startswith("dlharness-train: error:") and len(err.strip().splitlines()) == 1
+    assert "epoch" not in out
+
+
+def test_script_reports_bad_input_as_one_line_with_exit_2(tmp_path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    proc = subprocess.run(
+        [PYTHON, TRAIN_SCRIPT, "--tracking-uri", uri],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"dlharness-train: error: cannot reach the MLflow tracking server at {uri} "
+        "(ConnectionError); start it or pass another --tracking-uri"
+    ]
+
+
+def test_script_trains_into_the_default_store_with_plain_epoch_lines(tmp_path):
+    """No URI given: sqlite:///mlflow.db in the working directory, as MLflow 3 itself defaults."""
+    argv = [
+        PYTHON,
+        TRAIN_SCRIPT,
+        "--max-epochs",
+        "2",
+        "--accelerator",
+        "cpu",
+        "--batch-size",
+        "128",
+        "--tag",
+        "author=cli",
+        "--run-name",
+        "smoke",
+    ]
+    proc = subprocess.run(
+        argv, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
+    assert "val/acc" in epoch_lines[0]
+    assert "compare epochs: mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("dlharness").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.info.run_name == "smoke"
+    assert run.data.tags["author"] == "cli"
+    assert (tmp_path / "mlruns").is_dir()
+    assert_nothing_running(uri)
+
+
+def test_console_script_entry_point_is_installed():
+    script = Path(PYTHON).parent / "dlharness-train"
+    proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "--tracking-uri" in proc.stdout

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from dlharness.models.classifier import ClassifierModule
+from dlharness.models.nets import SmallCNN, build_net
+
+
+def spec(name="cnn", in_channels=1, image_size=8, num_classes=10):
+    return {
+        "name": name,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "width": 8,
+        "dropout": 0.0,
+    }
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "pools"), [(1, 8, 2), (1, 28, 3), (3, 32, 3), (3, 4, 1)]
+)
+def test_small_cnn_is_sized_from_the_data(channels, size, pools):
+    net = build_net(spec(in_channels=channels, image_size=size, num_classes=7))
+    assert isinstance(net, SmallCNN)
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == pools
+    assert net(torch.randn(2, channels, size, size)).shape == (2, 7)
+
+
+def test_resnet18_has_a_small_image_stem():
+    net = build_net(spec(name="resnet18", in_channels=1, image_size=8, num_classes=4))
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert net.conv1.in_channels == 1
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "scheduler", "expected"),
+    [
+        ("sgd", "cosine", torch.optim.SGD),
+        ("adamw", "none", torch.optim.AdamW),
+        ("adam", "cosine", torch.optim.Adam),
+    ],
+)
+def test_optimizer_and_schedule_follow_the_config(optimizer, scheduler, expected):
+    module = ClassifierModule(
+        net_spec=spec(), optimizer=optimizer, lr=0.05, scheduler=scheduler, momentum=0.8
+    )
+    configured = module.configure_optimizers()
+    opt = configured["optimizer"] if isinstance(configured, dict) else configured
+    assert type(opt) is expected
+    assert opt.param_groups[0]["lr"] == 0.05
+    if optimizer == "sgd":
+        assert opt.param_groups[0]["momentum"] == 0.8
+    has_schedule = isinstance(configured, dict)
+    assert has_schedule == (scheduler == "cosine")
+    if has_schedule:
+        assert configured["lr_scheduler"]["scheduler"].T_max == module.hparams.max_epochs
+
+
+def test_checkpoint_rebuilds_the_network_without_arguments(tmp_path):
+    """The net is passed in, yet `load_from_checkpoint(path)` alone restores it (weights_only)."""
+    net = build_net(spec())
+    module = ClassifierModule(net, net_spec=spec(), lr=0.01)
+    trainer = L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=0
+    )
+    trainer.strategy.connect(module)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    restored = ClassifierModule.load_from_checkpoint(path, weights_only=True)
+    x = torch.randn(3, 1, 8, 8)
+    module.eval(), restored.eval()
+    assert torch.equal(module(x), restored(x))
+    assert restored.hparams.lr == 0.01
+    assert "net" not in restored.hparams
