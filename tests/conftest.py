@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -77,15 +78,46 @@ def _no_leaked_active_run():
         mlflow.end_run()
 
 
+DEFAULT_RUN_TAGS = {"author": "tests", "description": "the default run, read back by the tests"}
+REGISTERED_NAME = "digits-default"
+
+
+@dataclasses.dataclass
+class DefaultRun:
+    cfg: TrainConfig
+    result: object
+    scratch_left: list[Path]
+
+    def __iter__(self):
+        return iter((self.cfg, self.result))
+
+
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory: pytest.TempPathFactory):
-    """The default config (digits, 20 epochs), trained once and read back by many tests."""
+def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
+    """The default config (digits, 20 epochs), trained once and read back by many tests.
+
+    It also registers its model, and samples system metrics every second so that a run this
+    short has some.
+    """
     folder = tmp_path_factory.mktemp("default_run")
     uri = make_store(folder, experiment="dlharness")
-    cfg = load_config(REPO / "configs" / "default.yaml", {"tracking.tracking_uri": uri})
-    cfg = dataclasses.replace(
-        cfg, tracking=dataclasses.replace(cfg.tracking, tags={"author": "tests"})
-    )
+    overrides = {
+        "tracking.tracking_uri": uri,
+        "tracking.tags": DEFAULT_RUN_TAGS,
+        "tracking.register_model": REGISTERED_NAME,
+    }
+    cfg = load_config(REPO / "configs" / "default.yaml", overrides)
     from dlharness.train import train
 
-    return cfg, train(cfg)
+    scratch_before = set(Path(tempfile.gettempdir()).glob("dlharness-*"))
+    previous = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"
+    try:
+        result = train(cfg)
+    finally:
+        if previous is None:
+            del os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"]
+        else:
+            os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = previous
+    scratch_left = set(Path(tempfile.gettempdir()).glob("dlharness-*")) - scratch_before
+    return DefaultRun(cfg, result, sorted(scratch_left))

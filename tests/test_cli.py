@@ -182,6 +182,14 @@ def test_script_trains_into_the_default_store_with_plain_epoch_lines(tmp_path):
     assert run.data.tags["author"] == "cli"
     assert (tmp_path / "mlruns").is_dir()
     assert_nothing_running(uri)
+    if (REPO / ".git").exists():
+        # Run from the checkout: MLflow records the commit itself and dlharness only adds
+        # the dirty flag.
+        head = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        assert run.data.tags["mlflow.source.git.commit"] == head
+        assert run.data.tags["git.dirty"] in ("true", "false")
 
 
 def test_console_script_entry_point_is_installed():

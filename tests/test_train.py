@@ -58,11 +58,12 @@ def test_cosine_schedule_is_visible_in_the_logged_learning_rate(logged):
     assert all(a > b for a, b in itertools.pairwise(lrs))
 
 
-def test_test_metrics_are_logged_once_at_the_last_epoch(logged):
-    cfg, result, client, _ = logged
+def test_test_metrics_are_logged_once_at_the_evaluated_epoch(logged):
+    _, result, client, run = logged
+    assert run.data.tags["dlharness.evaluated_epoch"] == str(result.evaluated_epoch)
     for key in TEST_METRICS:
         history = client.get_metric_history(result.run_id, key)
-        assert [m.step for m in history] == [cfg.trainer.max_epochs - 1], key
+        assert [m.step for m in history] == [result.evaluated_epoch], key
 
 
 def test_resolved_config_is_logged_whole(logged):
@@ -121,8 +122,10 @@ def test_logged_model_has_signature_input_example_and_pinned_requirements(logged
     models = mlflow.search_logged_models(
         experiment_ids=[result.experiment_id], output_format="list"
     )
-    assert [m.source_run_id for m in models] == [result.run_id]
-    requirements = mlflow.artifacts.load_text(f"{models[0].artifact_location}/requirements.txt")
+    assert {m.name for m in models} == {"model", "model_onnx"}
+    assert {m.source_run_id for m in models} == {result.run_id}
+    model = mlflow.get_logged_model(result.model_uri.removeprefix("models:/"))
+    requirements = mlflow.artifacts.load_text(f"{model.artifact_location}/requirements.txt")
     assert f"torch=={torch.__version__.split('+')[0]}" in requirements.splitlines()
 
 

@@ -41,10 +41,22 @@ FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
     ("--run-name", "tracking.run_name", str, None, "MLflow run name"),
     ("--tracking-uri", "tracking.tracking_uri", str, None,
      "MLflow tracking URI (else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
+    ("--register", "tracking.register_model", str, None,
+     "register the best model under this name, alias 'candidate'"),
+    ("--checkpoint-every", "tracker.checkpoint_every_n_epochs", int, None,
+     "log a resumable checkpoint every N epochs (and the last)"),
+    ("--keep-checkpoints", "tracker.keep_last_checkpoints", int, None,
+     "checkpoints kept: the last K plus the best"),
 )  # fmt: skip
 
 
-CONFIG_DESTS = frozenset({dotted for _, dotted, *_ in FLAGS} | {"data.download"})
+SWITCHES = (
+    ("--download", "data.download", True,
+     "allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)"),
+    ("--no-system-metrics", "tracking.system_metrics", False,
+     "do not sample CPU/GPU/memory use into system/* metrics (default: sampled)"),
+)  # fmt: skip
+CONFIG_DESTS = frozenset({f[1] for f in FLAGS} | {s[1] for s in SWITCHES})
 
 
 def _default_of(dotted: str) -> Any:
@@ -83,14 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help=f"{text} (default: {_default_of(dotted)})",
         )
-    parser.add_argument(
-        "--download",
-        dest="data.download",
-        action="store_const",
-        const=True,
-        default=None,
-        help="allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)",
-    )
+    for flag, dotted, value, text in SWITCHES:
+        parser.add_argument(flag, dest=dotted, action="store_const", const=value, help=text)
     parser.add_argument(
         "--tag",
         action="append",

@@ -27,6 +27,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+MONITORABLE = tuple(
+    f"{stage}/{name}"
+    for stage in ("val", "train")
+    for name in ("loss", "acc", "precision", "recall", "f1", "auroc")
+)
+MODES = ("min", "max")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -82,6 +88,24 @@ class TrackingConfig:
     run_name: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     autolog: bool = True
+    # MLflow's sampler of CPU, memory, disk, network and (with NVML) GPU use, as system/* metrics.
+    system_metrics: bool = True
+    # Registered-model name for the best model; its new version gets the alias "candidate".
+    register_model: str | None = None
+
+
+@dataclass
+class TrackerConfig:
+    """The epoch tracker: what is logged beyond autolog, and the checkpoint policy."""
+
+    checkpoint_every_n_epochs: int = 1
+    # Checkpoints kept in the run: the last K plus the best; null keeps all.
+    keep_last_checkpoints: int | None = 5
+    monitor: str = "val/loss"
+    mode: str = "min"
+    # Loss/metric curves and the validation confusion matrix, re-drawn every epoch.
+    plots: bool = True
+    onnx: bool = True
 
 
 @dataclass
@@ -92,6 +116,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -252,6 +277,13 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"data.{key} must be in (0, 1), got {value}")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise UsageError("data.val_fraction + data.test_fraction must leave a training split (< 1)")
+    _choice("tracker.monitor", cfg.tracker.monitor, MONITORABLE)
+    _choice("tracker.mode", cfg.tracker.mode, MODES)
+    _positive("tracker.checkpoint_every_n_epochs", cfg.tracker.checkpoint_every_n_epochs)
+    if cfg.tracker.keep_last_checkpoints is not None:
+        _positive("tracker.keep_last_checkpoints", cfg.tracker.keep_last_checkpoints)
+    if cfg.tracking.register_model is not None and not cfg.tracking.register_model.strip():
+        raise UsageError("tracking.register_model must be a non-empty model name")
     parse_devices(cfg.trainer.devices)
     if not cfg.tracking.experiment.strip():
         raise UsageError("tracking.experiment must not be empty")

@@ -4,22 +4,44 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import lightning as L
 import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from mlflow.tracking import MlflowClient
 
+import dlharness
 from dlharness.callbacks.epoch_printer import EpochLinePrinter
+from dlharness.callbacks.epoch_tracker import EpochTracker
+from dlharness.callbacks.mlflow_checkpoint import MlflowCheckpoint
+from dlharness.callbacks.run_context import RunContextLogger
 from dlharness.config import TrainConfig, parse_devices
 from dlharness.data import ClassificationDataModule, build_datamodule
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
-from dlharness.tracking.model_logging import log_network
-from dlharness.tracking.run import check_tracking_uri, log_config, set_experiment, tracked_run
+from dlharness.tracking.checkpoints import fetch_checkpoint
+from dlharness.tracking.evaluation import evaluate, log_evaluation
+from dlharness.tracking.model_logging import log_network, log_onnx, register_candidate
+from dlharness.tracking.run import (
+    check_tracking_uri,
+    log_config,
+    set_experiment,
+    set_run_tags,
+    tracked_run,
+)
+from dlharness.tracking.worker import TrackingWorker
+
+# Autolog logs epoch metrics when (epoch + 1) % log_every_n_epoch == 0: with this period it
+# never does, and keeps logging what else it knows (optimizer params, model summary).
+AUTOLOG_NEVER = 2**62
+TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda", "mps": "mps"}
 
 
 @dataclass
@@ -28,7 +50,10 @@ class TrainResult:
     experiment_id: str
     tracking_uri: str
     test_metrics: dict[str, float]
+    evaluated_epoch: int
     model_uri: str
+    onnx_model_uri: str | None
+    registered_version: str | None
     module: ClassifierModule
 
 
@@ -104,28 +129,41 @@ def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> Clas
     )
 
 
-def evaluate(
+def finish(
+    cfg: TrainConfig,
     module: ClassifierModule,
     datamodule: ClassificationDataModule,
-    accelerator: str,
-    cfg: TrainConfig,
-) -> dict[str, float]:
-    """Test-split metrics of `module` as it is now, from a trainer of its own.
-
-    A separate trainer keeps autolog's callback (attached to the fit trainer) from logging
-    the test metrics a second time at step 0.
-    """
-    tester = L.Trainer(
-        accelerator=accelerator,
-        devices=1,
-        precision=cfg.trainer.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    results = tester.test(module, datamodule=datamodule, verbose=False)
-    return {key: float(value) for key, value in results[0].items()}
+    checkpoints: MlflowCheckpoint,
+    run_id: str,
+    device: str,
+) -> dict[str, Any]:
+    """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
+    epoch = checkpoints.best_epoch
+    if epoch is None:
+        epoch = checkpoints.stored_epochs[-1]
+    client = MlflowClient()
+    with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
+        path = fetch_checkpoint(client, run_id, epoch, Path(scratch))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
+    class_names = datamodule.info.class_names
+    log_evaluation(client, run_id, evaluation, class_names, epoch)
+    set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)})
+    example_batch, _ = next(iter(datamodule.test_dataloader()))
+    model_info = log_network(module.net, example_batch)
+    onnx_info = log_onnx(module.net, example_batch) if cfg.tracker.onnx else None
+    registered = None
+    if cfg.tracking.register_model:
+        registered = register_candidate(model_info.model_uri, cfg.tracking.register_model)
+    return {
+        "test_metrics": evaluation.metrics,
+        "evaluated_epoch": epoch,
+        "model_uri": model_info.model_uri,
+        "onnx_model_uri": onnx_info.model_uri if onnx_info else None,
+        "registered_version": registered,
+        "module": module,
+    }
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -140,31 +178,45 @@ def train(cfg: TrainConfig) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule)
     experiment_id = set_experiment(uri, cfg.tracking.experiment)
-    # Autolog logs epoch metrics, optimizer params and the model summary; the model itself is
-    # logged below with explicit requirements, and checkpoints by our own callback.
+    # Autolog logs the optimizer's params, the epoch count and the model summary; the epoch
+    # tracker logs the epochs, MlflowCheckpoint the checkpoints, `finish` the model.
     mlflow.pytorch.autolog(
-        disable=not cfg.tracking.autolog, log_models=False, checkpoint=False, silent=True
+        disable=not cfg.tracking.autolog,
+        # The epoch tracker logs epoch metrics itself, in order with its checkpoints and
+        # exactly once through resumes; autolog buffers them and would log them again.
+        log_every_n_epoch=AUTOLOG_NEVER,
+        log_models=False,
+        checkpoint=False,
+        silent=True,
     )
     # Notes that do not apply: in-memory sets need no workers; the pytree one is Lightning's.
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
 
     with tracked_run(cfg) as run:
+        run_id = run.info.run_id
         log_config(cfg)
         mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
-        trainer = build_trainer(cfg, accelerator, callbacks=[])
-        trainer.fit(module, datamodule=datamodule)
-        final_epoch = trainer.current_epoch - 1
-        test_metrics = evaluate(module, datamodule, accelerator, cfg)
-        mlflow.log_metrics(test_metrics, step=final_epoch)
-        example_batch, _ = next(iter(datamodule.test_dataloader()))
-        model_info = log_network(module.net, example_batch)
+        worker = TrackingWorker()
+        try:
+            tracker = EpochTracker(
+                worker, run_id, datamodule.info.class_names, plots=cfg.tracker.plots
+            )
+            checkpoints = MlflowCheckpoint(
+                worker,
+                run_id,
+                every_n_epochs=cfg.tracker.checkpoint_every_n_epochs,
+                keep_last=cfg.tracker.keep_last_checkpoints,
+                monitor=cfg.tracker.monitor,
+                mode=cfg.tracker.mode,
+            )
+            context = RunContextLogger(worker, run_id, accelerator, Path(dlharness.__file__).parent)
+            # The tracker records an epoch's values before the checkpoint of that epoch is
+            # taken, so every checkpoint carries the history up to and including its epoch.
+            trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
+            trainer.fit(module, datamodule=datamodule)
+        finally:
+            worker.close()
+        outcome = finish(cfg, module, datamodule, checkpoints, run_id, TORCH_DEVICES[accelerator])
 
-    return TrainResult(
-        run_id=run.info.run_id,
-        experiment_id=experiment_id,
-        tracking_uri=uri,
-        test_metrics=test_metrics,
-        model_uri=model_info.model_uri,
-        module=module,
-    )
+    return TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, **outcome)

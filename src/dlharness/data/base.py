@@ -24,7 +24,9 @@ class DataInfo:
     class_names: tuple[str, ...]
 
 
-def image_transform(mean: tuple[float, ...], std: tuple[float, ...], size: int | None) -> v2.Compose:
+def image_transform(
+    mean: tuple[float, ...], std: tuple[float, ...], size: int | None
+) -> v2.Compose:
     """PIL image / uint8 tensor → normalised float32 tensor, resized to a square if asked."""
     steps: list[Any] = [v2.ToImage()]
     if size is not None:
@@ -84,9 +86,12 @@ class ClassificationDataModule(L.LightningDataModule):
             )
             self.test_set = fixed_test
 
-    def split_sizes(self) -> dict[str, int]:
+    def splits(self) -> dict[str, Dataset]:
         self.setup()
-        return {"train": len(self.train_set), "val": len(self.val_set), "test": len(self.test_set)}
+        return {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(split) for name, split in self.splits().items()}
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         workers = self.cfg.num_workers

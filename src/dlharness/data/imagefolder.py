@@ -27,7 +27,8 @@ class ImageFolderDataModule(ClassificationDataModule):
             classes, _ = datasets.folder.find_classes(str(root))
         except FileNotFoundError:
             raise UsageError(
-                f"image folder {root} has no class sub-folders; put each class's images in its own folder"
+                f"image folder {root} has no class sub-folders; "
+                "put each class's images in a folder of its own"
             ) from None
         if len(classes) < 2:
             raise UsageError(f"image folder {root} needs at least 2 class folders, found {classes}")

@@ -72,7 +72,9 @@ class ClassifierModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+    def _shared_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
+    ) -> dict[str, torch.Tensor]:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -84,16 +86,17 @@ class ClassifierModule(L.LightningModule):
                  batch_size=len(y), sync_dist=True)  # fmt: skip
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
                       batch_size=len(y))  # fmt: skip
-        return loss
+        # Predictions go to callbacks (the epoch tracker's confusion matrix).
+        return {"loss": loss, "preds": logits.detach().argmax(dim=-1), "target": y}
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._shared_step(batch, "test")
 
     def on_train_epoch_start(self) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]

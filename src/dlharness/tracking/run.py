@@ -10,8 +10,9 @@ from urllib.parse import urlparse
 
 import mlflow
 import requests
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from dlharness.config import TrainConfig, flatten
 from dlharness.errors import UsageError
@@ -71,7 +72,15 @@ def tracked_run(cfg: TrainConfig) -> Iterator[Run]:
     MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
     exits through `sys.exit` in between; closing the run here keeps the store truthful.
     """
-    run = mlflow.start_run(run_name=cfg.tracking.run_name, tags=cfg.tracking.tags or None)
+    tags = dict(cfg.tracking.tags)
+    if "description" in tags:
+        # The UI shows this tag as the run's description.
+        tags[MLFLOW_RUN_NOTE] = tags["description"]
+    run = mlflow.start_run(
+        run_name=cfg.tracking.run_name,
+        tags=tags or None,
+        log_system_metrics=cfg.tracking.system_metrics,
+    )
     try:
         yield run
     except KeyboardInterrupt:
@@ -81,6 +90,11 @@ def tracked_run(cfg: TrainConfig) -> Iterator[Run]:
         mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
         raise
     mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Several tags in one call (MlflowClient has `set_tag` for one at a time)."""
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 def log_config(cfg: TrainConfig) -> None:

@@ -1,0 +1,160 @@
+"""Per-epoch metrics, curves and confusion matrices in the MLflow run."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import lightning as L
+import numpy as np
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torchmetrics.classification import MulticlassConfusionMatrix
+from typing_extensions import override
+
+from dlharness.tracking import charts
+from dlharness.tracking.worker import TrackingWorker
+
+EPOCH_PREFIXES = ("train/", "val/")
+CONFUSION_KEY = "val_confusion_matrix"
+LOSS_CURVES = "plots/loss_curves.png"
+METRIC_CURVES = "plots/metric_curves.png"
+
+
+class EpochTracker(L.Callback):
+    """Logs every epoch-level metric at ``step = epoch``, exactly once, and redraws the curves.
+
+    After each epoch: the ``train/*`` and ``val/*`` values from Lightning's callback metrics,
+    ``plots/loss_curves.png`` and ``plots/metric_curves.png`` drawn from the whole history, and
+    the validation confusion matrix as an image at ``step = epoch`` (the UI's image slider).
+
+    Logging is idempotent per (metric, epoch): values a run already holds are not sent again,
+    and values missing from it (a process killed before they were sent) are sent from the
+    history this callback keeps in every checkpoint. That keeps one value per epoch through
+    crashes and resumes.
+
+    Args:
+        worker: Runs the MLflow calls and the drawing off the training thread, in order.
+        run_id: The MLflow run to log into.
+        class_names: Names of the classes, in label order.
+        plots: Whether to draw the curves and confusion matrices.
+    """
+
+    def __init__(
+        self, worker: TrackingWorker, run_id: str, class_names: Sequence[str], plots: bool = True
+    ) -> None:
+        if len(class_names) < 2:
+            raise ValueError("class_names must name at least 2 classes")
+        self.worker = worker
+        self.run_id = run_id
+        self.class_names = tuple(class_names)
+        self.plots = plots
+        self.history: dict[int, dict[str, float]] = {}
+        self._confusion = MulticlassConfusionMatrix(num_classes=len(class_names))
+        self._epoch_confusion: np.ndarray | None = None
+        self._logged_steps: dict[str, set[int]] = {}
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return type(self).__name__
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._confusion = self._confusion.to(pl_module.device)
+        if stage == "fit" and trainer.is_global_zero:
+            logged = self.worker.run_now("reading logged metrics", self._read_logged)
+            self._logged_steps = logged or {}
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero and self.history:
+            # Resumed: send what the checkpoint knows and the run does not.
+            for epoch, values in sorted(self.history.items()):
+                self.worker.submit("epoch metrics", self._log_metrics, epoch, dict(values))
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.sanity_checking or not isinstance(outputs, dict) or "preds" not in outputs:
+            return
+        self._confusion.update(outputs["preds"], outputs["target"])
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        # compute() gathers across processes, so every rank calls it.
+        if self._confusion.update_count:
+            self._epoch_confusion = self._confusion.compute().cpu().numpy()
+        self._confusion.reset()
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        epoch = trainer.current_epoch
+        values = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(EPOCH_PREFIXES)
+        }
+        self.history[epoch] = values
+        if not trainer.is_global_zero:
+            return
+        self.worker.submit("epoch metrics", self._log_metrics, epoch, values)
+        if self.plots:
+            snapshot = {e: dict(v) for e, v in self.history.items()}
+            self.worker.submit("epoch plots", self._log_curves, snapshot)
+            if self._epoch_confusion is not None:
+                self.worker.submit(
+                    "confusion matrix image", self._log_confusion, epoch, self._epoch_confusion
+                )
+        self._epoch_confusion = None
+
+    def _read_logged(self) -> dict[str, set[int]]:
+        client = MlflowClient()
+        keys = client.get_run(self.run_id).data.metrics
+        return {
+            key: {m.step for m in client.get_metric_history(self.run_id, key)}
+            for key in keys
+            if key.startswith(EPOCH_PREFIXES)
+        }
+
+    def _log_metrics(self, epoch: int, values: dict[str, float]) -> None:
+        timestamp = int(time.time() * 1000)
+        new = [
+            Metric(key, value, timestamp, epoch)
+            for key, value in sorted(values.items())
+            if epoch not in self._logged_steps.get(key, ())
+        ]
+        if new:
+            MlflowClient().log_batch(self.run_id, metrics=new)
+        for metric in new:
+            self._logged_steps.setdefault(metric.key, set()).add(epoch)
+
+    def _log_curves(self, history: dict[int, dict[str, float]]) -> None:
+        client = MlflowClient()
+        client.log_image(self.run_id, charts.loss_chart(history), artifact_file=LOSS_CURVES)
+        client.log_image(self.run_id, charts.metric_chart(history), artifact_file=METRIC_CURVES)
+
+    def _log_confusion(self, epoch: int, matrix: np.ndarray) -> None:
+        title = f"Validation confusion matrix, epoch {epoch}"
+        image = charts.confusion_chart(matrix, self.class_names, title)
+        MlflowClient().log_image(self.run_id, image, key=CONFUSION_KEY, step=epoch)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": {epoch: dict(values) for epoch, values in self.history.items()}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = {int(epoch): dict(v) for epoch, v in state_dict["history"].items()}

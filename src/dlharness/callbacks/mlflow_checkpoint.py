@@ -1,0 +1,184 @@
+"""Full, resumable checkpoints stored in the MLflow run, in MLflow's own layout."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.tracking import MlflowClient
+from typing_extensions import override
+
+from dlharness.tracking.checkpoints import (
+    BEST_EPOCH_TAG,
+    CHECKPOINT_FILE,
+    LATEST_CHECKPOINT_TAG,
+    METRICS_FILE,
+    epoch_dir,
+    file_sha256,
+)
+from dlharness.tracking.rng import capture_rng_state, restore_rng_state
+from dlharness.tracking.worker import TrackingWorker
+
+
+class MlflowCheckpoint(L.Callback):
+    """Logs a Lightning checkpoint every `every_n_epochs` epochs, and after the last one.
+
+    Each lands in ``checkpoints/epoch_{N}/checkpoint.pth`` beside ``checkpoint_metrics.json``
+    (the epoch's metrics, global step, size and sha256), the layout autolog uses, so
+    ``mlflow.pytorch.load_checkpoint(ClassifierModule, run_id, epoch=N)`` loads it. The file
+    holds weights, optimizer, scheduler, loop counters, every callback's state and, through
+    this callback's state, the RNG states an exact resume needs. The JSON is written after the
+    checkpoint file, so a checkpoint counts as stored only once its JSON exists.
+
+    Retention keeps the last `keep_last` stored checkpoints plus the best one by `monitor`.
+
+    Args:
+        worker: Runs the uploads off the training thread, in order.
+        run_id: The MLflow run the checkpoints belong to.
+        every_n_epochs: Checkpoint period in epochs.
+        keep_last: How many of the newest checkpoints to keep; None keeps all.
+        monitor: Metric that decides the best checkpoint, e.g. ``val/loss``.
+        mode: ``min`` or ``max``: which direction of `monitor` is better.
+    """
+
+    def __init__(
+        self,
+        worker: TrackingWorker,
+        run_id: str,
+        every_n_epochs: int = 1,
+        keep_last: int | None = 5,
+        monitor: str = "val/loss",
+        mode: str = "min",
+    ) -> None:
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        self.worker = worker
+        self.run_id = run_id
+        self.every_n_epochs = every_n_epochs
+        self.keep_last = keep_last
+        self.monitor = monitor
+        self.mode = mode
+        self.best_epoch: int | None = None
+        self.best_value: float | None = None
+        self.stored_epochs: list[int] = []
+        self._rng_to_restore: dict[str, Any] | None = None
+        self._scratch: Path | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        # One instance per trainer; a stable key lets a resumed run find its state.
+        return type(self).__name__
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._scratch = Path(tempfile.mkdtemp(prefix="dlharness-checkpoints-"))
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._scratch is not None:
+            self.worker.flush()
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Restored here, not in load_state_dict: the sanity-check validation that runs in
+        # between draws from the global generator and would shift every later draw.
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.fast_dev_run:
+            return
+        epoch = trainer.current_epoch
+        is_last = epoch + 1 >= (trainer.max_epochs or math.inf)
+        if (epoch + 1) % self.every_n_epochs and not is_last:
+            return
+        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+        self._update_best(epoch, metrics)
+        self.stored_epochs.append(epoch)
+        doomed = self._beyond_retention()
+        self.stored_epochs = [e for e in self.stored_epochs if e not in doomed]
+
+        assert self._scratch is not None
+        folder = self._scratch / f"epoch_{epoch}"
+        folder.mkdir(exist_ok=True)
+        partial, final = folder / f"{CHECKPOINT_FILE}.partial", folder / CHECKPOINT_FILE
+        # Every rank must call save_checkpoint (it synchronises them); only rank 0 writes.
+        trainer.save_checkpoint(partial, weights_only=False)
+        if not trainer.is_global_zero:
+            return
+        os.replace(partial, final)  # a complete file or none, never half of one
+        self.worker.submit(
+            "checkpoint upload",
+            self._store,
+            epoch,
+            final,
+            {**metrics, "epoch": epoch, "global_step": trainer.global_step},
+            self.best_epoch,
+            doomed,
+        )
+
+    def _update_best(self, epoch: int, metrics: dict[str, float]) -> None:
+        value = metrics.get(self.monitor)
+        if value is None or math.isnan(value):
+            return
+        better = (
+            self.best_value is None
+            or (self.mode == "min" and value < self.best_value)
+            or (self.mode == "max" and value > self.best_value)
+        )
+        if better:
+            self.best_epoch, self.best_value = epoch, value
+
+    def _beyond_retention(self) -> list[int]:
+        if self.keep_last is None:
+            return []
+        kept = set(self.stored_epochs[-self.keep_last :]) | {self.best_epoch}
+        return [epoch for epoch in self.stored_epochs if epoch not in kept]
+
+    def _store(
+        self, epoch: int, path: Path, record: dict[str, Any], best: int | None, doomed: list[int]
+    ) -> None:
+        client = MlflowClient()
+        record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
+        client.log_artifact(self.run_id, str(path), epoch_dir(epoch))
+        client.log_dict(self.run_id, record, f"{epoch_dir(epoch)}/{METRICS_FILE}")
+        client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+        if best is not None:
+            client.set_tag(self.run_id, BEST_EPOCH_TAG, str(best))
+        shutil.rmtree(path.parent, ignore_errors=True)
+        if doomed:
+            repository = get_artifact_repository(client.get_run(self.run_id).info.artifact_uri)
+            for old in doomed:
+                repository.delete_artifacts(epoch_dir(old))
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch,
+            "best_value": self.best_value,
+            "stored_epochs": list(self.stored_epochs),
+            "rng": capture_rng_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_epoch = state_dict["best_epoch"]
+        self.best_value = state_dict["best_value"]
+        self.stored_epochs = list(state_dict["stored_epochs"])
+        self._rng_to_restore = state_dict["rng"]
