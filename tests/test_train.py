@@ -145,6 +145,9 @@ def test_imagefolder_trains_end_to_end(tmp_path, store):
     assert run.info.status == "FINISHED"
     assert run.data.params["data.n_train"] == str(36 - 2 * round(36 * 0.15))
     assert set(result.test_metrics) == set(TEST_METRICS)
+    [record, *_] = [d.dataset for d in run.inputs.dataset_inputs]
+    assert record.source_type == "local"
+    assert str(tmp_path / "images") in record.source
 
 
 def test_failure_after_the_run_started_ends_it_failed(tmp_path, store):

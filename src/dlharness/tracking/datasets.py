@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
 from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.numpy_dataset import NumpyDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
@@ -22,11 +24,12 @@ SAMPLE_GRID_SIZE = 16
 
 def _source(datamodule: ClassificationDataModule) -> DatasetSource:
     location = datamodule.source
-    if Path(location).exists():
-        from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
-
-        return LocalArtifactDatasetSource(str(Path(location).resolve()))
-    return CodeDatasetSource(tags={"loader": location})
+    if not Path(location).exists():
+        return CodeDatasetSource(tags={"loader": location})
+    with warnings.catch_warnings():
+        # A local path matches MLflow's "local" source under two registered names.
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(Path(location).resolve()))
 
 
 def split_record(datamodule: ClassificationDataModule, split: str) -> NumpyDataset:
