@@ -50,6 +50,8 @@ def test_optimizer_and_schedule_follow_the_config(optimizer, scheduler, expected
     module = ClassifierModule(
         net_spec=spec(), optimizer=optimizer, lr=0.05, scheduler=scheduler, momentum=0.8
     )
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_progress_bar=False)
+    module.trainer = trainer
     configured = module.configure_optimizers()
     opt = configured["optimizer"] if isinstance(configured, dict) else configured
     assert type(opt) is expected
@@ -59,7 +61,17 @@ def test_optimizer_and_schedule_follow_the_config(optimizer, scheduler, expected
     has_schedule = isinstance(configured, dict)
     assert has_schedule == (scheduler == "cosine")
     if has_schedule:
-        assert configured["lr_scheduler"]["scheduler"].T_max == module.hparams.max_epochs
+        # Cosine from the base rate to 0 over the trainer's 4 epochs.
+        schedule = configured["lr_scheduler"]["scheduler"]
+        rates = []
+        for _ in range(5):
+            rates.append(opt.param_groups[0]["lr"])
+            opt.step()
+            schedule.step()
+        half = 2**-0.5
+        assert rates == pytest.approx(
+            [0.05, 0.05 * (1 + half) / 2, 0.025, 0.05 * (1 - half) / 2, 0]
+        )
 
 
 def test_checkpoint_rebuilds_the_network_without_arguments(tmp_path):

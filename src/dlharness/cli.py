@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -107,6 +108,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
+    resume = parser.add_argument_group(
+        "resume",
+        "continue a logged run from its checkpoint; its logged config is reused and only "
+        "--max-epochs, --accelerator, --devices, --data-dir, --num-workers and logging flags "
+        "may change",
+    )
+    resume.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="run id (latest checkpoint) or runs:/RUN_ID/checkpoints/epoch_N (default: none)",
+    )
+    resume.add_argument(
+        "--resume-epoch",
+        type=int,
+        metavar="N",
+        help="resume from epoch N's checkpoint instead of the latest (default: latest)",
+    )
+    resume.add_argument(
+        "--fork",
+        action="store_true",
+        help="continue in a new run tagged with its parent, not in the same run (default: same)",
+    )
     return parser
 
 
@@ -120,13 +143,18 @@ def parse_tags(items: Sequence[str]) -> dict[str, str]:
     return tags
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given on the command line, as dotted keys."""
     values = vars(args)
     overrides = {key: values[key] for key in CONFIG_DESTS if values[key] is not None}
     tags = parse_tags(args.tag)
     if tags:
         overrides["tracking.tags"] = tags
-    return load_config(args.config, overrides)
+    return overrides
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return load_config(args.config, overrides_from_args(args))
 
 
 def with_flag_name(message: str) -> str:
@@ -142,17 +170,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Lightning's and MLflow's progress notes as plain lines (MLflow's autolog module would
     # otherwise install a root handler that prefixes them with INFO:logger.name:).
     logging.basicConfig(format="%(message)s")
-    # Creating the tables of a fresh SQLite store is routine, not news.
+    # Creating the tables of a fresh SQLite store is routine, not news; nor is each download
+    # of a checkpoint, which MLflow would draw a progress bar for.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
-        cfg = config_from_args(args)
+        if args.resume is None:
+            if args.resume_epoch is not None or args.fork:
+                raise UsageError("--resume-epoch and --fork need --resume RUN")
+            cfg, resume = config_from_args(args), None
+        else:
+            if args.config is not None:
+                raise UsageError(
+                    "--config cannot be combined with --resume: the run's config is used"
+                )
+            # Imported here so that --help and config errors answer without loading torch.
+            from dlharness.resume import prepare_resume
+
+            overrides = overrides_from_args(args)
+            uri = load_config(None, overrides).resolved_tracking_uri()
+            resume = prepare_resume(args.resume, args.resume_epoch, overrides, uri, args.fork)
+            cfg = resume.config
         if args.print_config:
             print(cfg.to_yaml(), end="")
+            if resume is not None:
+                resume.cleanup()
             return 0
-        # Imported here so that --help and config errors answer without loading torch.
         from dlharness.train import train
 
-        result = train(cfg)
+        result = train(cfg, resume)
     except UsageError as exc:
         print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

@@ -26,6 +26,7 @@ from dlharness.data import ClassificationDataModule, build_datamodule
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
+from dlharness.resume import ResumePoint, check_same_data
 from dlharness.tracking.checkpoints import fetch_checkpoint
 from dlharness.tracking.evaluation import evaluate, log_evaluation
 from dlharness.tracking.model_logging import log_network, log_onnx, register_candidate
@@ -125,7 +126,6 @@ def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> Clas
         weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum,
         scheduler=cfg.optim.scheduler,
-        max_epochs=cfg.trainer.max_epochs,
     )
 
 
@@ -166,8 +166,20 @@ def finish(
     }
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train, evaluate and log one run as `cfg` says; raise `UsageError` for bad input."""
+def train(cfg: TrainConfig, resume: ResumePoint | None = None) -> TrainResult:
+    """Train, evaluate and log one run as `cfg` says; raise `UsageError` for bad input.
+
+    With `resume` (from `prepare_resume`, whose config `cfg` is), training continues from
+    that checkpoint: in the same run, reopened, or with `resume.fork` in a new one.
+    """
+    try:
+        return _train(cfg, resume)
+    finally:
+        if resume is not None:
+            resume.cleanup()
+
+
+def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
     accelerator = check_hardware(cfg)
@@ -175,13 +187,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     datamodule = build_datamodule(cfg.data, cfg.seed)
     # Missing or unreadable data fails here, before an MLflow run exists.
     datamodule.prepare_data()
+    if resume is not None:
+        check_same_data(MlflowClient(uri), resume.run_id, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule)
     experiment_id = set_experiment(uri, cfg.tracking.experiment)
+    reopen = resume is not None and not resume.fork
     # Autolog logs the optimizer's params, the epoch count and the model summary; the epoch
     # tracker logs the epochs, MlflowCheckpoint the checkpoints, `finish` the model.
     mlflow.pytorch.autolog(
-        disable=not cfg.tracking.autolog,
+        # A reopened run holds autolog's params already; logging `epochs` again would clash.
+        disable=not cfg.tracking.autolog or reopen,
         # The epoch tracker logs epoch metrics itself, in order with its checkpoints and
         # exactly once through resumes; autolog buffers them and would log them again.
         log_every_n_epoch=AUTOLOG_NEVER,
@@ -193,9 +209,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
 
-    with tracked_run(cfg) as run:
+    resume_tags = {}
+    if resume is not None:
+        resume_tags["dlharness.resumed_from_epoch"] = str(resume.epoch)
+        if resume.fork:
+            resume_tags["dlharness.parent_run_id"] = resume.run_id
+    with tracked_run(cfg, resume.run_id if reopen else None, resume_tags) as run:
         run_id = run.info.run_id
-        log_config(cfg)
+        log_config(cfg, run.data.params if reopen else None)
         mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
         worker = TrackingWorker()
         try:
@@ -214,7 +235,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             # The tracker records an epoch's values before the checkpoint of that epoch is
             # taken, so every checkpoint carries the history up to and including its epoch.
             trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
-            trainer.fit(module, datamodule=datamodule)
+            trainer.fit(
+                module,
+                datamodule=datamodule,
+                ckpt_path=resume.checkpoint if resume else None,
+                weights_only=True,
+            )
         finally:
             worker.close()
         outcome = finish(cfg, module, datamodule, checkpoints, run_id, TORCH_DEVICES[accelerator])

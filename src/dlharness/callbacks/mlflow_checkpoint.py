@@ -21,6 +21,7 @@ from dlharness.tracking.checkpoints import (
     METRICS_FILE,
     epoch_dir,
     file_sha256,
+    stored_epochs,
 )
 from dlharness.tracking.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.worker import TrackingWorker
@@ -99,6 +100,14 @@ class MlflowCheckpoint(L.Callback):
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
+        if trainer.is_global_zero and self.stored_epochs:
+            # Resumed: trust the run over the checkpoint's memory (a fork starts with none of
+            # the parent's checkpoints; a killed process may not have finished an upload).
+            present = self.worker.run_now("reading stored checkpoints", self._present)
+            if present is not None:
+                self.stored_epochs = [e for e in self.stored_epochs if e in present]
+                if self.best_epoch not in present:
+                    self.best_epoch = self.best_value = None
 
     @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -132,6 +141,9 @@ class MlflowCheckpoint(L.Callback):
             self.best_epoch,
             doomed,
         )
+
+    def _present(self) -> set[int]:
+        return set(stored_epochs(MlflowClient(), self.run_id))
 
     def _update_best(self, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)

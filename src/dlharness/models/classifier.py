@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -45,8 +46,9 @@ class ClassifierModule(L.LightningModule):
         lr: Learning rate.
         weight_decay: L2 penalty (decoupled for adamw).
         momentum: SGD momentum; ignored by the Adam family.
-        scheduler: ``cosine`` anneals the rate to 0 over `max_epochs`; ``none`` keeps it fixed.
-        max_epochs: Length of the cosine schedule in epochs.
+        scheduler: ``cosine`` anneals the rate to 0 over the trainer's `max_epochs` (read each
+            epoch, so a resumed run given more epochs anneals over its new length);
+            ``none`` keeps it fixed.
     """
 
     def __init__(
@@ -59,7 +61,6 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str = "cosine",
-        max_epochs: int = 20,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -110,8 +111,13 @@ class ClassifierModule(L.LightningModule):
         optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)
         if hp.scheduler == "none":
             return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=hp.max_epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.cosine_factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
         }
+
+    def cosine_factor(self, epoch: int) -> float:
+        """Multiplier of the base rate at `epoch`: 1 at the start, 0 after the last epoch."""
+        total = max(1, self.trainer.max_epochs)
+        return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))

@@ -35,6 +35,21 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def stored_epochs(client: MlflowClient, run_id: str) -> list[int]:
+    """Epochs whose checkpoint is complete in the run: its record (written last) exists."""
+    epochs = []
+    for folder in client.list_artifacts(run_id, CHECKPOINT_DIR):
+        name = folder.path.rsplit("/", 1)[-1]
+        if not (folder.is_dir and name.startswith("epoch_") and name[6:].isdigit()):
+            continue
+        files = {
+            item.path.rsplit("/", 1)[-1] for item in client.list_artifacts(run_id, folder.path)
+        }
+        if {CHECKPOINT_FILE, METRICS_FILE} <= files:
+            epochs.append(int(name[6:]))
+    return sorted(epochs)
+
+
 def checkpoint_metadata(client: MlflowClient, run_id: str, epoch: int) -> dict[str, Any]:
     path = client.download_artifacts(run_id, f"{epoch_dir(epoch)}/{METRICS_FILE}")
     return json.loads(Path(path).read_text())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -66,18 +66,22 @@ def set_experiment(uri: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: TrainConfig) -> Iterator[Run]:
-    """Start an MLflow run and always end it: FINISHED, KILLED on Ctrl-C, FAILED otherwise.
+def tracked_run(
+    cfg: TrainConfig, run_id: str | None = None, extra_tags: dict[str, str] | None = None
+) -> Iterator[Run]:
+    """Start (or, given `run_id`, reopen) an MLflow run and always end it: FINISHED, KILLED on
+    Ctrl-C, FAILED otherwise.
 
     MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
     exits through `sys.exit` in between; closing the run here keeps the store truthful.
     """
-    tags = dict(cfg.tracking.tags)
+    tags = {**cfg.tracking.tags, **(extra_tags or {})}
     if "description" in tags:
         # The UI shows this tag as the run's description.
         tags[MLFLOW_RUN_NOTE] = tags["description"]
     run = mlflow.start_run(
-        run_name=cfg.tracking.run_name,
+        run_id=run_id,
+        run_name=None if run_id else cfg.tracking.run_name,
         tags=tags or None,
         log_system_metrics=cfg.tracking.system_metrics,
     )
@@ -97,8 +101,19 @@ def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
     MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_config(cfg: TrainConfig) -> None:
-    """The resolved config, whole: flattened into params and as `config.yaml`."""
-    params = flatten(cfg.to_dict())
-    mlflow.log_params({key: "" if value is None else value for key, value in params.items()})
+def log_config(cfg: TrainConfig, logged: Mapping[str, str] | None = None) -> None:
+    """The resolved config, whole: flattened into params and as `config.yaml`.
+
+    MLflow params cannot change, so on a reopened run (`logged` = its params) a value that
+    differs now, such as a longer `trainer.max_epochs`, goes to a `dlharness.resumed_with.*`
+    tag; `config.yaml` is replaced by the config in use.
+    """
+    logged = logged or {}
+    params = {k: "" if v is None else str(v) for k, v in flatten(cfg.to_dict()).items()}
+    new = {k: v for k, v in params.items() if k not in logged}
+    if new:
+        mlflow.log_params(new)
+    changed = {f"dlharness.resumed_with.{k}": v for k, v in params.items() if logged.get(k, v) != v}
+    if changed:
+        mlflow.set_tags(changed)
     mlflow.log_text(cfg.to_yaml(), "config.yaml")

@@ -1,0 +1,202 @@
+"""Finding, checking and preparing the checkpoint a run resumes from.
+
+Everything that can refuse a resume happens here, before the run is reopened: an unknown run,
+a run without checkpoints, an epoch that was not logged, a checkpoint that fails its sha256, one
+that holds more than tensors and plain data, and overrides that would not continue the same
+training.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from dlharness.config import TrainConfig, flatten, load_config, set_dotted
+from dlharness.data import ClassificationDataModule
+from dlharness.data.fingerprint import content_digest
+from dlharness.errors import UsageError
+from dlharness.tracking.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    epoch_dir,
+    fetch_checkpoint,
+    stored_epochs,
+)
+
+# What a resume may change: where and how long it trains, and what it logs on the side.
+# Everything else (data, network, optimiser, seed, precision) would not continue the same
+# training, and is refused.
+SAFE_ON_RESUME = frozenset(
+    {
+        "trainer.max_epochs",
+        "trainer.accelerator",
+        "trainer.devices",
+        "data.data_dir",
+        "data.download",
+        "data.num_workers",
+        "tracking.tracking_uri",
+        "tracking.run_name",
+        "tracking.tags",
+        "tracking.system_metrics",
+        "tracking.register_model",
+        "tracker.plots",
+        "tracker.onnx",
+        "tracker.keep_last_checkpoints",
+    }
+)
+_RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_RUNS_URI = re.compile(
+    r"^runs:/(?P<run>[0-9a-f]{32})/checkpoints/epoch_(?P<epoch>\d+)(?:/checkpoint\.pth)?/?$"
+)
+
+
+@dataclass
+class ResumePoint:
+    """A verified checkpoint of `run_id` at `epoch`, and the config to continue with."""
+
+    run_id: str
+    epoch: int
+    checkpoint: Path
+    config: TrainConfig
+    fork: bool
+    scratch: Path
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def parse_target(target: str, epoch: int | None) -> tuple[str, int | None]:
+    """``RUN_ID`` or ``runs:/RUN_ID/checkpoints/epoch_N`` → (run id, epoch or None = latest)."""
+    target = target.strip()
+    if match := _RUNS_URI.match(target):
+        uri_epoch = int(match["epoch"])
+        if epoch is not None and epoch != uri_epoch:
+            raise UsageError(f"--resume-epoch {epoch} contradicts {target}; give one of them")
+        return match["run"], uri_epoch
+    if _RUN_ID.match(target):
+        return target, epoch
+    raise UsageError(
+        f"--resume expects a run id (32 hex digits) or runs:/RUN_ID/checkpoints/epoch_N, got '{target}'"
+    )
+
+
+def logged_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
+    try:
+        path = client.download_artifacts(run_id, "config.yaml")
+    except MlflowException:
+        raise UsageError(f"run {run_id} has no config.yaml: it was not made by dlharness") from None
+    return yaml.safe_load(Path(path).read_text())
+
+
+def apply_overrides(logged: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The logged config with the safe overrides applied; any other change is refused."""
+    data = yaml.safe_load(yaml.safe_dump(logged))
+    flat = flatten(logged)
+    for key, value in overrides.items():
+        if key in SAFE_ON_RESUME:
+            set_dotted(data, key, value)
+        elif str(flat.get(key)) != str(value):
+            raise UsageError(
+                f"{key} cannot change when resuming (the run has {flat.get(key)!r}, asked "
+                f"{value!r}): the checkpoint continues that training; start a new run instead"
+            )
+    return data
+
+
+def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
+    """Load with ``weights_only=True`` and refuse anything that could name code to run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
+        raise UsageError(
+            f"checkpoint {artifact} refused: it holds objects other than tensors and plain data "
+            f"({reason[:160]}); nothing in it was run"
+        ) from None
+    except Exception as exc:
+        raise UsageError(
+            f"checkpoint {artifact} is unreadable: {type(exc).__name__}: {exc}"
+        ) from None
+    hyper_parameters = state.get("hyper_parameters") or {}
+    if any("_instantiator" in str(key) for key in hyper_parameters):
+        raise UsageError(
+            f"checkpoint {artifact} refused: its hyperparameters name an _instantiator "
+            "(a class to construct on load); dlharness builds the network from its own config"
+        )
+    return state
+
+
+def prepare_resume(
+    target: str,
+    epoch: int | None,
+    overrides: Mapping[str, Any],
+    tracking_uri: str,
+    fork: bool = False,
+) -> ResumePoint:
+    run_id, epoch = parse_target(target, epoch)
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise UsageError(f"run {run_id} not found in {tracking_uri}") from None
+    available = stored_epochs(client, run_id)
+    if not available:
+        raise UsageError(f"run {run_id} has no logged checkpoints to resume from")
+    if epoch is None:
+        epoch = available[-1]
+    elif epoch not in available:
+        raise UsageError(
+            f"run {run_id} has no checkpoint for epoch {epoch}; logged: {', '.join(map(str, available))}"
+        )
+    data = apply_overrides(logged_config(client, run_id), overrides)
+    data.setdefault("tracking", {})["tracking_uri"] = tracking_uri
+    config = load_config(None, flatten(data))
+    if config.trainer.max_epochs <= epoch + 1:
+        raise UsageError(
+            f"the checkpoint of epoch {epoch} ends a run of {config.trainer.max_epochs} epochs; "
+            f"pass --max-epochs above {epoch + 1} to train longer"
+        )
+    scratch = Path(tempfile.mkdtemp(prefix="dlharness-resume-"))
+    artifact = f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"
+    try:
+        path = fetch_checkpoint(client, run_id, epoch, scratch)
+        load_checkpoint_safely(path, artifact)
+    except CheckpointError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise UsageError(str(exc)) from None
+    except UsageError:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return ResumePoint(run_id, epoch, path, config, fork, scratch)
+
+
+def check_same_data(
+    client: MlflowClient, run_id: str, datamodule: ClassificationDataModule
+) -> None:
+    """Refuse to resume on data whose training split differs from the one the run recorded."""
+    recorded = {
+        tag.value: record.dataset.digest
+        for record in client.get_run(run_id).inputs.dataset_inputs
+        for tag in record.tags
+        if tag.key == MLFLOW_DATASET_CONTEXT
+    }
+    if "train" not in recorded:
+        return
+    digest = content_digest(datamodule.splits()["train"])
+    if digest != recorded["train"]:
+        raise UsageError(
+            f"the training data under {datamodule.source} differ from what run {run_id} trained "
+            f"on (digest {digest[:12]} != {recorded['train'][:12]}); point --data-dir at the same data"
+        )

@@ -1,0 +1,380 @@
+"""Resuming from logged checkpoints: exact, crash-proof, safe; real subprocesses, real SQLite."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from dlharness.cli import main
+from dlharness.config import load_config
+from dlharness.models.classifier import ClassifierModule
+from dlharness.resume import parse_target, prepare_resume
+from dlharness.tracking.checkpoints import (
+    checkpoint_metadata,
+    fetch_checkpoint,
+    file_sha256,
+    stored_epochs,
+)
+from dlharness.train import train
+
+from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store
+
+TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
+EPOCHS = 6
+KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
+# Small enough for seconds per run, large enough (20 batches an epoch) to be killed mid-epoch.
+TINY_YAML = """
+data: {batch_size: 64}
+model: {width: 8}
+trainer: {max_epochs: 6, accelerator: cpu}
+tracking: {system_metrics: false, experiment: resume}
+tracker: {keep_last_checkpoints: null, onnx: false}
+"""
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A store, the tiny config file, and two uninterrupted 6-epoch reference runs."""
+    folder = tmp_path_factory.mktemp("resume")
+    uri = make_store(folder, experiment="resume")
+    config = folder / "tiny.yaml"
+    config.write_text(TINY_YAML)
+    references = {}
+    for scheduler in ("cosine", "none"):
+        cfg = load_config(config, {"tracking.tracking_uri": uri, "optim.scheduler": scheduler})
+        references[scheduler] = train(cfg).run_id
+    return folder, uri, config, references
+
+
+def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    return {
+        k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k)) for k in KEYS
+    }
+
+
+def assert_one_value_per_epoch(client: MlflowClient, run_id: str, epochs: int = EPOCHS) -> None:
+    for key, history in histories(client, run_id).items():
+        assert [step for step, _ in history] == list(range(epochs)), key
+
+
+def assert_same_training(client: MlflowClient, run_id: str, reference: str, tmp_path: Path) -> None:
+    ours, theirs = histories(client, run_id), histories(client, reference)
+    for key in KEYS:
+        for (step, a), (_, b) in zip(ours[key], theirs[key], strict=True):
+            assert abs(a - b) <= 1e-6, (key, step, a, b)
+    last = EPOCHS - 1
+    mine = torch.load(fetch_checkpoint(client, run_id, last, tmp_path / "a"), weights_only=True)
+    ref = torch.load(fetch_checkpoint(client, reference, last, tmp_path / "b"), weights_only=True)
+    for name, tensor in ref["state_dict"].items():
+        assert torch.equal(mine["state_dict"][name], tensor), name
+
+
+def start_training(folder: Path, uri: str, config: Path, *flags: str) -> subprocess.Popen:
+    argv = [PYTHON, TRAIN_SCRIPT, "--config", str(config), "--tracking-uri", uri, *flags]
+    return subprocess.Popen(
+        argv,
+        cwd=folder,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for(
+    folder: Path, pattern: str, proc: subprocess.Popen, ignore: set[Path], timeout_s: float = 240
+) -> Path:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = set(folder.glob(pattern)) - ignore
+        if found:
+            return found.pop()
+        assert proc.poll() is None, f"training ended before {pattern}: {proc.stderr.read()}"
+        time.sleep(0.01)
+    raise AssertionError(f"{pattern} never appeared")
+
+
+def run_id_of(record: Path) -> str:
+    # <folder>/artifacts/<run id>/artifacts/checkpoints/epoch_N/checkpoint_metrics.json
+    return record.parents[3].name
+
+
+def resume(uri: str, *argv: str) -> int:
+    return main(["--tracking-uri", uri, *argv])
+
+
+# 3. Exact
+
+
+def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path):
+    folder, uri, config, references = lab
+    client = MlflowClient(uri)
+    first = train(
+        load_config(
+            config,
+            {"tracking.tracking_uri": uri, "optim.scheduler": "none", "trainer.max_epochs": 3},
+        )
+    )
+    proc = subprocess.run(
+        [PYTHON, TRAIN_SCRIPT, "--resume", first.run_id, "--max-epochs", "6", "--tracking-uri", uri],
+        cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [
+        "4/6",
+        "5/6",
+        "6/6",
+    ]
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dlharness.resumed_from_epoch"] == "2"
+    assert run.data.tags["dlharness.resumed_with.trainer.max_epochs"] == "6"
+    assert_one_value_per_epoch(client, first.run_id)
+    assert_same_training(client, first.run_id, references["none"], tmp_path)
+    final = torch.load(fetch_checkpoint(client, first.run_id, 5, tmp_path / "c"), weights_only=True)
+    assert sorted(final["callbacks"]["EpochTracker"]["history"]) == list(range(EPOCHS))
+    # 6. The resumed run's checkpoints still load with MLflow's own loader.
+    module = mlflow.pytorch.load_checkpoint(ClassifierModule, first.run_id, epoch=5)
+    assert torch.equal(
+        next(iter(module.state_dict().values())), next(iter(final["state_dict"].values()))
+    )
+
+
+# 4. Crash-proof
+
+
+@pytest.mark.parametrize("moment", ["mid-epoch", "after-checkpoint"])
+def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment):
+    folder, uri, config, references = lab
+    client = MlflowClient(uri)
+    pattern = "artifacts/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
+    earlier = set(folder.glob(pattern))
+    proc = start_training(folder, uri, config, "--run-name", f"killed-{moment}")
+    record = wait_for(folder, pattern, proc, ignore=earlier)
+    if moment == "mid-epoch":
+        time.sleep(0.15)  # epochs take about 0.4 s here
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    run_id = run_id_of(record)
+    assert client.get_run(run_id).info.status == "RUNNING"  # SIGKILL leaves it so
+    assert resume(uri, "--resume", run_id) == 0
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_one_value_per_epoch(client, run_id)
+    assert_same_training(client, run_id, references["cosine"], tmp_path)
+    assert_nothing_running(uri)
+
+
+# 2. --fork
+
+
+def test_fork_starts_a_tagged_run_with_the_history_copied(lab):
+    _, uri, _, references = lab
+    client = MlflowClient(uri)
+    parent = references["cosine"]
+    before = client.get_run(parent)
+    assert (
+        resume(
+            uri, "--resume", f"runs:/{parent}/checkpoints/epoch_1", "--fork", "--max-epochs", "8"
+        )
+        == 0
+    )
+    [child] = client.search_runs(
+        [before.info.experiment_id], filter_string=f"tags.`dlharness.parent_run_id` = '{parent}'"
+    )
+    assert child.data.tags["dlharness.resumed_from_epoch"] == "1"
+    assert child.info.status == "FINISHED"
+    assert_one_value_per_epoch(client, child.info.run_id, epochs=8)
+    parent_history = histories(client, parent)
+    for key, values in histories(client, child.info.run_id).items():
+        assert values[:2] == parent_history[key][:2], key  # copied, not recomputed
+    after = client.get_run(parent)
+    assert (after.info.status, after.info.end_time) == (before.info.status, before.info.end_time)
+    assert histories(client, parent) == parent_history
+    assert stored_epochs(client, child.info.run_id) == list(range(2, 8))
+
+
+# 1. CLI forms, 5. refusals
+
+
+def test_resume_targets_are_parsed():
+    run = uuid.uuid4().hex
+    assert parse_target(run, None) == (run, None)
+    assert parse_target(run, 3) == (run, 3)
+    assert parse_target(f"runs:/{run}/checkpoints/epoch_4", None) == (run, 4)
+    assert parse_target(f"runs:/{run}/checkpoints/epoch_4/checkpoint.pth", 4) == (run, 4)
+
+
+@pytest.fixture(scope="module")
+def finished(lab):
+    """A finished 3-epoch run, whose checkpoints the refusal tests tamper with copies of."""
+    _, uri, config, _ = lab
+    return train(
+        load_config(config, {"tracking.tracking_uri": uri, "trainer.max_epochs": 3})
+    ).run_id
+
+
+def refuse(capsys, uri: str, argv: list[str], expected: str) -> None:
+    capsys.readouterr()
+    try:
+        code = resume(uri, *argv)
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, (argv, err)
+    assert expected in err, (argv, err)
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def snapshot(client: MlflowClient, run_id: str) -> tuple:
+    run = client.get_run(run_id)
+    return run.info.status, run.info.end_time, len(client.get_metric_history(run_id, "val/loss"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--resume", "0" * 32], "not found"),
+        (["--resume", "not-a-run"], "--resume expects a run id"),
+        (
+            ["--resume", "{run}", "--resume-epoch", "9", "--max-epochs", "12"],
+            "no checkpoint for epoch 9; logged: 0, 1, 2",
+        ),
+        (
+            ["--resume", "{run}", "--lr", "0.5", "--max-epochs", "5"],
+            "optim.lr (--lr) cannot change when resuming",
+        ),
+        (
+            ["--resume", "{run}", "--dataset", "mnist", "--max-epochs", "5"],
+            "data.dataset (--dataset) cannot change when resuming",
+        ),
+        (
+            ["--resume", "{run}", "--model", "resnet18", "--max-epochs", "5"],
+            "model.name (--model) cannot change when resuming",
+        ),
+        (["--resume", "{run}"], "pass --max-epochs above 3"),
+        (["--resume", "{run}", "--config", "x.yaml"], "--config cannot be combined with --resume"),
+        (["--fork"], "--resume-epoch and --fork need --resume RUN"),
+    ],
+)
+def test_bad_resume_requests_leave_the_run_untouched(lab, finished, capsys, argv, expected):
+    _, uri, _, _ = lab
+    client = MlflowClient(uri)
+    before = snapshot(client, finished)
+    refuse(capsys, uri, [a.replace("{run}", finished) for a in argv], expected)
+    assert snapshot(client, finished) == before
+
+
+def test_run_without_checkpoints_is_refused(lab, capsys):
+    _, uri, _, _ = lab
+    client = MlflowClient(uri)
+    run = client.create_run(client.get_experiment_by_name("resume").experiment_id)
+    client.set_terminated(run.info.run_id)
+    refuse(capsys, uri, ["--resume", run.info.run_id], "has no logged checkpoints")
+
+
+def stored_file(client: MlflowClient, run_id: str, epoch: int) -> Path:
+    root = Path(client.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    return root / f"checkpoints/epoch_{epoch}/checkpoint.pth"
+
+
+def replace_checkpoint(client: MlflowClient, run_id: str, epoch: int, payload: bytes) -> None:
+    """What an attacker with write access to the store could do: new bytes, matching sha256."""
+    path = stored_file(client, run_id, epoch)
+    path.write_bytes(payload)
+    record_path = path.with_name("checkpoint_metrics.json")
+    record = json.loads(record_path.read_text())
+    record["sha256"] = file_sha256(path)
+    record_path.write_text(json.dumps(record))
+
+
+@pytest.fixture
+def victim(lab):
+    """A fresh finished 2-epoch run to tamper with."""
+    _, uri, config, _ = lab
+    return train(
+        load_config(
+            config, {"tracking.tracking_uri": uri, "trainer.max_epochs": 2, "tracker.plots": False}
+        )
+    ).run_id
+
+
+def test_truncated_checkpoint_is_detected_and_named(lab, victim, capsys):
+    _, uri, _, _ = lab
+    client = MlflowClient(uri)
+    path = stored_file(client, victim, 1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = snapshot(client, victim)
+    refuse(
+        capsys,
+        uri,
+        ["--resume", victim, "--max-epochs", "4"],
+        "checkpoints/epoch_1/checkpoint.pth of run",
+    )
+    assert snapshot(client, victim) == before
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_a_code_payload_is_refused_and_not_run(lab, victim, capsys, tmp_path):
+    _, uri, _, _ = lab
+    client = MlflowClient(uri)
+    marker = tmp_path / "payload-ran"
+    honest = torch.load(stored_file(client, victim, 1), weights_only=True)
+    honest["state_dict"]["evil"] = _Payload(marker)
+    buffer = io.BytesIO()
+    torch.save(honest, buffer)
+    replace_checkpoint(client, victim, 1, buffer.getvalue())
+    before = snapshot(client, victim)
+    refuse(
+        capsys,
+        uri,
+        ["--resume", victim, "--max-epochs", "4"],
+        "refused: it holds objects other than tensors",
+    )
+    assert not marker.exists()
+    assert snapshot(client, victim) == before
+
+
+def test_checkpoint_naming_an_instantiator_is_refused(lab, victim, capsys, tmp_path):
+    _, uri, _, _ = lab
+    client = MlflowClient(uri)
+    marker = tmp_path / "instantiated"
+    state = torch.load(stored_file(client, victim, 1), weights_only=True)
+    state["hyper_parameters"]["_instantiator"] = "os.system"
+    state["hyper_parameters"]["command"] = f"touch {marker}"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    replace_checkpoint(client, victim, 1, buffer.getvalue())
+    refuse(capsys, uri, ["--resume", victim, "--max-epochs", "4"], "name an _instantiator")
+    assert not marker.exists()
+
+
+def test_prepare_resume_returns_the_verified_checkpoint(lab, finished):
+    _, uri, _, _ = lab
+    point = prepare_resume(finished, None, {"trainer.max_epochs": 5}, uri)
+    try:
+        assert point.epoch == 2
+        assert point.config.trainer.max_epochs == 5
+        assert point.config.tracking.tracking_uri == uri
+        recorded = checkpoint_metadata(MlflowClient(uri), finished, 2)["sha256"]
+        assert file_sha256(point.checkpoint) == recorded
+    finally:
+        point.cleanup()
+    assert not point.scratch.exists()
