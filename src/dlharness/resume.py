@@ -88,7 +88,8 @@ def parse_target(target: str, epoch: int | None) -> tuple[str, int | None]:
     if _RUN_ID.match(target):
         return target, epoch
     raise UsageError(
-        f"--resume expects a run id (32 hex digits) or runs:/RUN_ID/checkpoints/epoch_N, got '{target}'"
+        "--resume expects a run id (32 hex digits) or runs:/RUN_ID/checkpoints/epoch_N, "
+        f"got '{target}'"
     )
 
 
@@ -158,7 +159,8 @@ def prepare_resume(
         epoch = available[-1]
     elif epoch not in available:
         raise UsageError(
-            f"run {run_id} has no checkpoint for epoch {epoch}; logged: {', '.join(map(str, available))}"
+            f"run {run_id} has no checkpoint for epoch {epoch}; "
+            f"logged: {', '.join(map(str, available))}"
         )
     data = apply_overrides(logged_config(client, run_id), overrides)
     data.setdefault("tracking", {})["tracking_uri"] = tracking_uri
@@ -198,5 +200,6 @@ def check_same_data(
     if digest != recorded["train"]:
         raise UsageError(
             f"the training data under {datamodule.source} differ from what run {run_id} trained "
-            f"on (digest {digest[:12]} != {recorded['train'][:12]}); point --data-dir at the same data"
+            f"on (digest {digest[:12]} != {recorded['train'][:12]}); "
+            "point --data-dir at the same data"
         )
