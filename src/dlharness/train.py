@@ -8,12 +8,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 import dlharness
@@ -82,14 +82,8 @@ def check_hardware(cfg: TrainConfig) -> str:
     devices = parse_devices(cfg.trainer.devices)
     if accelerator == "gpu":
         available = torch.cuda.device_count()
-        wanted = (
-            devices
-            if isinstance(devices, int)
-            else len(devices)
-            if isinstance(devices, list)
-            else 1
-        )
-        if wanted > available:
+        wanted = len(devices) if isinstance(devices, list) else devices
+        if isinstance(wanted, int) and wanted > available:
             raise UsageError(f"--devices {cfg.trainer.devices}: only {available} GPU(s) visible")
     elif isinstance(devices, list):
         raise UsageError(
@@ -134,10 +128,11 @@ def finish(
     module: ClassifierModule,
     datamodule: ClassificationDataModule,
     checkpoints: MlflowCheckpoint,
-    run_id: str,
+    run: Run,
     device: str,
-) -> dict[str, Any]:
+) -> TrainResult:
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
+    run_id = run.info.run_id
     epoch = checkpoints.best_epoch
     if epoch is None:
         epoch = checkpoints.stored_epochs[-1]
@@ -156,14 +151,17 @@ def finish(
     registered = None
     if cfg.tracking.register_model:
         registered = register_candidate(model_info.model_uri, cfg.tracking.register_model)
-    return {
-        "test_metrics": evaluation.metrics,
-        "evaluated_epoch": epoch,
-        "model_uri": model_info.model_uri,
-        "onnx_model_uri": onnx_info.model_uri if onnx_info else None,
-        "registered_version": registered,
-        "module": module,
-    }
+    return TrainResult(
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        tracking_uri=cfg.tracking.tracking_uri,
+        test_metrics=evaluation.metrics,
+        evaluated_epoch=epoch,
+        model_uri=model_info.model_uri,
+        onnx_model_uri=onnx_info.model_uri if onnx_info else None,
+        registered_version=registered,
+        module=module,
+    )
 
 
 def train(cfg: TrainConfig, resume: ResumePoint | None = None) -> TrainResult:
@@ -191,7 +189,7 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         check_same_data(MlflowClient(uri), resume.run_id, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule)
-    experiment_id = set_experiment(uri, cfg.tracking.experiment)
+    set_experiment(uri, cfg.tracking.experiment)
     reopen = resume is not None and not resume.fork
     # Autolog logs the optimizer's params, the epoch count and the model summary; the epoch
     # tracker logs the epochs, MlflowCheckpoint the checkpoints, `finish` the model.
@@ -243,6 +241,4 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
             )
         finally:
             worker.close()
-        outcome = finish(cfg, module, datamodule, checkpoints, run_id, TORCH_DEVICES[accelerator])
-
-    return TrainResult(run_id=run_id, experiment_id=experiment_id, tracking_uri=uri, **outcome)
+        return finish(cfg, module, datamodule, checkpoints, run, TORCH_DEVICES[accelerator])

@@ -41,8 +41,11 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(module: ClassifierModule, loader: DataLoader, device: torch.device) -> Evaluation:
-    """Loss and the training metrics (same definitions) on every sample of `loader`, in order."""
+def evaluate(
+    module: ClassifierModule, loader: DataLoader, device: torch.device, stage: str = "test"
+) -> Evaluation:
+    """Loss and the training metrics (same definitions) on every sample of `loader`, in order,
+    named ``{stage}/{metric}``."""
     module = module.to(device).eval()
     metrics = classification_metrics(module.hparams.net_spec["num_classes"]).to(device)
     probabilities, targets, bad_inputs, bad_index = [], [], [], []
@@ -61,8 +64,8 @@ def evaluate(module: ClassifierModule, loader: DataLoader, device: torch.device)
         probabilities.append(probs.cpu())
         targets.append(y.cpu())
         seen += len(y)
-    values = {f"test/{key}": float(value) for key, value in metrics.compute().items()}
-    values["test/loss"] = loss_sum / seen
+    values = {f"{stage}/{key}": float(value) for key, value in metrics.compute().items()}
+    values[f"{stage}/loss"] = loss_sum / seen
     image_shape = (0, *next(iter(loader))[0].shape[1:])
     return Evaluation(
         metrics=values,
