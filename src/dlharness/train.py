@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,10 @@ class TrainResult:
     onnx_model_uri: str | None
     registered_version: str | None
     module: ClassifierModule
+    # Wall seconds by phase: "fit" (training with its per-epoch tracking, uploads drained),
+    # "checkpoint_save" (on the training thread), "worker/<job>" (on the tracking thread),
+    # and the end-of-run "evaluation", "model", "onnx", "registry".
+    timings: dict[str, float]
 
 
 def resolve_accelerator(requested: str) -> str:
@@ -130,9 +135,11 @@ def finish(
     checkpoints: MlflowCheckpoint,
     run: Run,
     device: str,
+    timings: dict[str, float],
 ) -> TrainResult:
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
     run_id = run.info.run_id
+    started = time.perf_counter()
     epoch = checkpoints.best_epoch
     if epoch is None:
         epoch = checkpoints.stored_epochs[-1]
@@ -145,12 +152,19 @@ def finish(
     class_names = datamodule.info.class_names
     log_evaluation(client, run_id, evaluation, class_names, epoch)
     set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)})
+    timings["evaluation"] = time.perf_counter() - started
     example_batch, _ = next(iter(datamodule.test_dataloader()))
+    started = time.perf_counter()
     model_info = log_network(module.net, example_batch)
+    timings["model"] = time.perf_counter() - started
+    started = time.perf_counter()
     onnx_info = log_onnx(module.net, example_batch) if cfg.tracker.onnx else None
+    timings["onnx"] = time.perf_counter() - started
     registered = None
+    started = time.perf_counter()
     if cfg.tracking.register_model:
         registered = register_candidate(model_info.model_uri, cfg.tracking.register_model)
+    timings["registry"] = time.perf_counter() - started
     return TrainResult(
         run_id=run_id,
         experiment_id=run.info.experiment_id,
@@ -161,6 +175,7 @@ def finish(
         onnx_model_uri=onnx_info.model_uri if onnx_info else None,
         registered_version=registered,
         module=module,
+        timings=timings,
     )
 
 
@@ -233,6 +248,7 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
             # The tracker records an epoch's values before the checkpoint of that epoch is
             # taken, so every checkpoint carries the history up to and including its epoch.
             trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
+            started = time.perf_counter()
             trainer.fit(
                 module,
                 datamodule=datamodule,
@@ -241,4 +257,10 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
             )
         finally:
             worker.close()
-        return finish(cfg, module, datamodule, checkpoints, run, TORCH_DEVICES[accelerator])
+        timings = {
+            "fit": time.perf_counter() - started,
+            "checkpoint_save": checkpoints.save_seconds,
+            **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
+        }
+        device = TORCH_DEVICES[accelerator]
+        return finish(cfg, module, datamodule, checkpoints, run, device, timings)

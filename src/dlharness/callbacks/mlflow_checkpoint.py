@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
@@ -24,6 +27,7 @@ from dlharness.tracking.checkpoints import (
     stored_epochs,
 )
 from dlharness.tracking.rng import capture_rng_state, restore_rng_state
+from dlharness.tracking.run import set_run_tags
 from dlharness.tracking.worker import TrackingWorker
 
 
@@ -74,6 +78,9 @@ class MlflowCheckpoint(L.Callback):
         self.stored_epochs: list[int] = []
         self._rng_to_restore: dict[str, Any] | None = None
         self._scratch: Path | None = None
+        # Seconds the training thread spent writing checkpoints (the upload is the worker's).
+        self.save_seconds = 0.0
+        self._artifacts: ArtifactRepository | None = None
 
     @property
     @override
@@ -128,7 +135,9 @@ class MlflowCheckpoint(L.Callback):
         folder.mkdir(exist_ok=True)
         partial, final = folder / f"{CHECKPOINT_FILE}.partial", folder / CHECKPOINT_FILE
         # Every rank must call save_checkpoint (it synchronises them); only rank 0 writes.
+        start = time.perf_counter()
         trainer.save_checkpoint(partial, weights_only=False)
+        self.save_seconds += time.perf_counter() - start
         if not trainer.is_global_zero:
             return
         os.replace(partial, final)  # a complete file or none, never half of one
@@ -166,18 +175,26 @@ class MlflowCheckpoint(L.Callback):
     def _store(
         self, epoch: int, path: Path, record: dict[str, Any], best: int | None, doomed: list[int]
     ) -> None:
-        client = MlflowClient()
+        repository = self._repository()
         record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
-        client.log_artifact(self.run_id, str(path), epoch_dir(epoch))
-        client.log_dict(self.run_id, record, f"{epoch_dir(epoch)}/{METRICS_FILE}")
-        client.set_tag(self.run_id, LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+        repository.log_artifact(str(path), epoch_dir(epoch))
+        path.with_name(METRICS_FILE).write_text(json.dumps(record))
+        # The record goes last: a checkpoint without it is incomplete and never resumed from.
+        repository.log_artifact(str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
+        tags = {LATEST_CHECKPOINT_TAG: f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"}
         if best is not None:
-            client.set_tag(self.run_id, BEST_EPOCH_TAG, str(best))
+            tags[BEST_EPOCH_TAG] = str(best)
+        set_run_tags(self.run_id, tags)
         shutil.rmtree(path.parent, ignore_errors=True)
-        if doomed:
-            repository = get_artifact_repository(client.get_run(self.run_id).info.artifact_uri)
-            for old in doomed:
-                repository.delete_artifacts(epoch_dir(old))
+        for old in doomed:
+            repository.delete_artifacts(epoch_dir(old))
+
+    def _repository(self) -> ArtifactRepository:
+        """The run's artifact store, looked up once (each lookup is a store query)."""
+        if self._artifacts is None:
+            uri = MlflowClient().get_run(self.run_id).info.artifact_uri
+            self._artifacts = get_artifact_repository(uri)
+        return self._artifacts
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -1,0 +1,475 @@
+"""What tracking costs: the same training four ways, timed (behind `scripts/bench.py`).
+
+(a) a plain PyTorch loop doing the module's work (forward, loss, backward, step, the same
+    torchmetrics); (b) bare Lightning (no logger, checkpointing or progress bar);
+(c) dlharness with all its tracking (epoch tracker with a checkpoint every epoch, plots,
+    system metrics, final model and ONNX); (d) `mlflow.pytorch.autolog()` with its defaults on
+    bare Lightning, for reference.
+
+Each variant runs in a fresh process (no warm imports, patches or thread pools carried over),
+the variants interleaved, each several times; the table shows median, min and max. The ratios
+compare the training phase (`fit`, including the per-epoch tracking and draining its uploads);
+dlharness's end-of-run work (evaluation, model, ONNX) is reported on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+VARIANTS = {
+    "a": "plain_pytorch",
+    "b": "bare_lightning",
+    "c": "dlharness",
+    "d": "autolog_defaults",
+}
+# Budgets from the performance issue: training-phase ratios and the end-of-run cost.
+BUDGETS = {
+    "digits": {"ratio_c_over_b": 1.25, "ratio_b_over_a": 1.10, "end_of_run_s": 1.5},
+    "heavy": {"ratio_c_over_b": 1.03, "ratio_b_over_a": 1.10, "end_of_run_s": 1.5},
+}
+
+
+@dataclass
+class Workload:
+    name: str
+    epochs: int
+    # None: the digits set; else synthetic 3×32×32 images in CIFAR-10's on-disk format.
+    samples: int | None
+    model: str
+    width: int
+    batch_size: int
+    precision: str = "32"
+    channels_last: bool = False
+
+
+def workloads(device: str, epochs: int | None, samples: int | None) -> dict[str, Workload]:
+    if device == "gpu":
+        return {
+            "heavy": Workload(
+                "heavy", epochs or 5, samples or 20_000, "resnet18", 64, 256, "bf16-mixed", True
+            ),
+        }
+    return {
+        "digits": Workload("digits", epochs or 20, None, "cnn", 32, 64),
+        # ≈ 4 s per epoch on 2 cores: 1020 training images through the 3-stage CNN.
+        "heavy": Workload("heavy", epochs or 5, samples or 1200, "cnn", 32, 128),
+    }
+
+
+def write_synthetic_cifar(root: Path, samples: int, seed: int = 0) -> None:
+    """`samples` training images (5 batch files) and samples/5 test images, class-coloured."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    per_batch = max(1, samples // 5)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        labels = rng.integers(0, 10, size=per_batch)
+        images = rng.integers(0, 128, size=(per_batch, 3, 32, 32), dtype=np.uint8)
+        images[np.arange(per_batch), labels % 3] += 100  # a learnable hint per class
+        batch = {"data": images.reshape(per_batch, -1), "labels": labels.tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+
+
+def build_config(work: Workload, data_dir: Path, store: Path, accelerator: str):
+    from dlharness.config import load_config
+
+    values: dict[str, Any] = {
+        "trainer.max_epochs": work.epochs,
+        "trainer.accelerator": accelerator,
+        "trainer.precision": work.precision,
+        "model.name": work.model,
+        "model.width": work.width,
+        "data.batch_size": work.batch_size,
+        "tracking.tracking_uri": f"sqlite:///{store / 'mlflow.db'}",
+        "tracking.experiment": f"bench-{work.name}",
+    }
+    if work.samples is not None:
+        values.update({"data.dataset": "cifar10", "data.data_dir": str(data_dir)})
+    return load_config(None, values)
+
+
+# The four variants, each run in its own process by `worker`.
+
+
+def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
+    import math
+
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+
+    from dlharness.data import build_datamodule
+    from dlharness.models.classifier import OPTIMIZERS, classification_metrics
+    from dlharness.models.nets import build_net, net_spec
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    # As (b) and (c) run: Trainer(deterministic="warn").
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    dm = build_datamodule(cfg.data, cfg.seed)
+    dm.prepare_data()
+    dm.setup()
+    target = torch.device("cuda" if device == "gpu" else "cpu")
+    net = build_net(net_spec(cfg.model, dm.info)).to(target)
+    memory_format = torch.channels_last if work.channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    opt = OPTIMIZERS[cfg.optim.optimizer](
+        net.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    epochs = cfg.trainer.max_epochs
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda e: 0.5 * (1 + math.cos(math.pi * min(e, epochs) / epochs))
+    )
+    train_metrics = classification_metrics(dm.info.num_classes).to(target)
+    val_metrics = classification_metrics(dm.info.num_classes).to(target)
+    autocast = torch.autocast(
+        target.type, dtype=torch.bfloat16, enabled=work.precision == "bf16-mixed"
+    )
+    train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
+    images = 0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        for x, y in train_loader:
+            x = x.to(target, non_blocking=True, memory_format=memory_format)
+            y = y.to(target, non_blocking=True)
+            with autocast:
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            train_metrics.update(logits.detach().float().softmax(-1), y)
+            images += len(y)
+        train_metrics.compute()
+        train_metrics.reset()
+        schedule.step()
+        net.eval()
+        with torch.no_grad(), autocast:
+            for x, y in val_loader:
+                x, y = x.to(target, memory_format=memory_format), y.to(target)
+                val_metrics.update(net(x).float().softmax(-1), y)
+        val_metrics.compute()
+        val_metrics.reset()
+    if target.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return {"fit_s": seconds, "images_per_s": images / seconds}
+
+
+def _bare_trainer(cfg, accelerator: str, **extra: Any):
+    import lightning as L
+
+    return L.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator=accelerator,
+        devices=1,
+        precision=cfg.trainer.precision,
+        deterministic="warn",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **extra,
+    )
+
+
+def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, float]:
+    import warnings
+
+    import lightning as L
+    import mlflow
+
+    from dlharness.data import build_datamodule
+    from dlharness.train import build_module
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = build_datamodule(cfg.data, cfg.seed)
+    dm.prepare_data()
+    module = build_module(cfg, dm)
+    trainer = _bare_trainer(cfg, "gpu" if device == "gpu" else "cpu")
+    if not autolog:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=dm)
+        seconds = time.perf_counter() - start
+    else:
+        mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        mlflow.pytorch.autolog()  # its defaults: model logging, requirement inference, ...
+        with mlflow.start_run():
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=dm)
+            seconds = time.perf_counter() - start
+    images = dm.split_sizes()["train"] * cfg.trainer.max_epochs
+    return {"fit_s": seconds, "images_per_s": images / seconds}
+
+
+def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
+    from dlharness.train import train
+
+    result = train(cfg)
+    t = result.timings
+    epochs = cfg.trainer.max_epochs
+    workers = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("worker/")}
+    per_epoch_ms = {
+        "metric_logging": workers.get("epoch metrics", 0.0),
+        "plots": workers.get("epoch plots", 0.0) + workers.get("confusion matrix image", 0.0),
+        "checkpoint_save": t["checkpoint_save"],
+        "artifact_upload": workers.get("checkpoint upload", 0.0),
+    }
+    from dlharness.data import build_datamodule
+
+    images = build_datamodule(cfg.data, cfg.seed).split_sizes()["train"] * epochs
+    return {
+        "fit_s": t["fit"],
+        "images_per_s": images / t["fit"],
+        **{f"per_epoch_ms/{k}": 1000 * v / epochs for k, v in per_epoch_ms.items()},
+        "once_s/run_context": sum(
+            v
+            for k, v in workers.items()
+            if k
+            in (
+                "environment tags",
+                "source and requirements",
+                "model tags",
+                "dataset records",
+                "training sample grid",
+            )
+        ),
+        "end_of_run_s/evaluation": t["evaluation"],
+        "end_of_run_s/model": t["model"],
+        "end_of_run_s/onnx": t["onnx"],
+        "end_of_run_s": t["evaluation"] + t["model"] + t["onnx"] + t["registry"],
+    }
+
+
+def worker(variant: str, work: Workload, device: str, scratch: Path) -> dict[str, float]:
+    """One timed run of `variant` in this process."""
+    if work.samples is not None and not (scratch / "data" / "cifar-10-batches-py").exists():
+        write_synthetic_cifar(scratch / "data", work.samples)
+    store = scratch / f"store-{variant}-{time.monotonic_ns()}"
+    store.mkdir()
+    cfg = build_config(work, scratch / "data", store, "gpu" if device == "gpu" else "cpu")
+    if variant == "a":
+        measured = run_plain(cfg, work, device)
+    elif variant in ("b", "d"):
+        measured = run_lightning(cfg, work, device, autolog=variant == "d")
+    else:
+        measured = run_dlharness(cfg, work, device)
+    # ru_maxrss is in KiB on Linux.
+    measured["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return measured
+
+
+# Orchestration
+
+
+def _spread(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def machine() -> dict[str, Any]:
+    from importlib.metadata import version
+
+    import torch
+
+    from dlharness.tracking.environment import collect_environment
+
+    env = collect_environment("gpu" if torch.cuda.is_available() else "cpu", 1, "32")
+    return {
+        "cpu": env.host_cpu,
+        "cores": env.host_cores,
+        "gpu": ", ".join(g.name for g in env.gpus) or "none",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": version("lightning"),
+        "mlflow": version("mlflow"),
+    }
+
+
+def measure(
+    work: Workload, variants: str, repeats: int, device: str, in_process: bool
+) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory(prefix="dlharness-bench-") as scratch:
+        for _ in range(repeats):
+            for variant in variants:  # interleaved, so drift hits every variant alike
+                if in_process:
+                    runs[variant].append(worker(variant, work, device, Path(scratch)))
+                    continue
+                out = Path(scratch) / "out.json"
+                argv = [
+                    *(sys.executable, "-m", "dlharness.bench", "--worker", variant),
+                    *("--device", device, "--workload", json.dumps(asdict(work))),
+                    *("--scratch", scratch, "--worker-out", str(out)),
+                ]
+                done = subprocess.run(
+                    argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                )
+                if done.returncode:
+                    raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+                runs[variant].append(json.loads(out.read_text()))
+    result: dict[str, Any] = {"workload": asdict(work), "repeats": repeats, "device": device}
+    for variant, measured in runs.items():
+        name = f"{variant}_{VARIANTS[variant]}"
+        keys = measured[0].keys()
+        result[name] = {key: _spread([m[key] for m in measured]) for key in keys}
+    fit = {v: result[f"{v}_{VARIANTS[v]}"]["fit_s"]["median"] for v in variants}
+    for top, bottom in (("c", "b"), ("b", "a"), ("d", "b")):
+        if top in fit and bottom in fit:
+            result[f"ratio_{top}_over_{bottom}"] = fit[top] / fit[bottom]
+    budget = BUDGETS.get(work.name, {})
+    checks = {}
+    if "ratio_c_over_b" in result and "ratio_c_over_b" in budget:
+        checks["ratio_c_over_b"] = result["ratio_c_over_b"] <= budget["ratio_c_over_b"]
+    if "ratio_b_over_a" in result and "ratio_b_over_a" in budget:
+        checks["ratio_b_over_a"] = result["ratio_b_over_a"] <= budget["ratio_b_over_a"]
+    if "c" in fit and "end_of_run_s" in budget:
+        end = result["c_dlharness"]["end_of_run_s"]["median"]
+        checks["end_of_run_s"] = end <= budget["end_of_run_s"]
+    result["budget"] = budget
+    result["within_budget"] = checks
+    return result
+
+
+def print_report(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, result in results["workloads"].items():
+        epochs, repeats = result["workload"]["epochs"], result["repeats"]
+        table = Table(title=f"{name}: {epochs} epochs, {repeats} runs each (median [min–max])")
+        for column in ("variant", "fit s", "images/s", "peak RSS MB"):
+            table.add_column(column, justify="right")
+        for variant, label in VARIANTS.items():
+            row = result.get(f"{variant}_{label}")
+            if row is None:
+                continue
+            fit = row["fit_s"]
+            table.add_row(
+                f"({variant}) {label}",
+                f"{fit['median']:.2f} [{fit['min']:.2f}–{fit['max']:.2f}]",
+                f"{row['images_per_s']['median']:.0f}",
+                f"{row['peak_rss_mb']['median']:.0f}",
+            )
+        console.print(table)
+        ratios = "  ".join(
+            f"{k.removeprefix('ratio_').replace('_over_', '/')} = {v:.3f}"
+            for k, v in result.items()
+            if k.startswith("ratio_")
+        )
+        console.print(f"  ratios: {ratios}")
+        if "c_dlharness" in result:
+            c = result["c_dlharness"]
+            parts = "  ".join(
+                f"{k.split('/')[1]} {v['median']:.1f}"
+                for k, v in c.items()
+                if k.startswith("per_epoch_ms/")
+            )
+            console.print(f"  tracking per epoch (ms): {parts}")
+            end = {k: v["median"] for k, v in c.items() if k.startswith("end_of_run_s")}
+            console.print(
+                f"  end of run: {end['end_of_run_s']:.2f} s (evaluation "
+                f"{end['end_of_run_s/evaluation']:.2f}, model {end['end_of_run_s/model']:.2f}, "
+                f"ONNX {end['end_of_run_s/onnx']:.2f})"
+            )
+        for check, ok in result["within_budget"].items():
+            console.print(
+                f"  {check}: {'within' if ok else 'OVER'} budget ({result['budget'][check]})"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--workloads", default="digits,heavy", help="comma-separated (default: %(default)s)"
+    )
+    parser.add_argument("--variants", default="abcd", help="subset of abcd (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="runs per variant (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, help="override every workload's epochs (default: per workload)"
+    )
+    parser.add_argument(
+        "--samples", type=int, help="override the heavy workload's images (default: per workload)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "gpu"), default="cpu", help="(default: %(default)s)"
+    )
+    parser.add_argument(
+        "--in-process", action="store_true", help="no fresh process per run (smoke tests only)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results.json"), help="(default: %(default)s)"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", help=argparse.SUPPRESS)
+    parser.add_argument("--scratch", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        work = Workload(**json.loads(args.workload))
+        args.worker_out.write_text(json.dumps(worker(args.worker, work, args.device, args.scratch)))
+        return 0
+    if args.device == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            print("bench: error: --device gpu needs CUDA", file=sys.stderr)
+            return 2
+    available = workloads(args.device, args.epochs, args.samples)
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = [w for w in chosen if w not in available]
+    if unknown or not chosen or not set(args.variants) <= set(VARIANTS):
+        print(f"bench: error: workloads: {', '.join(available)}; variants: abcd", file=sys.stderr)
+        return 2
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    results = {
+        "date": date.today().isoformat(),
+        "machine": machine(),
+        "workloads": {
+            name: measure(
+                available[name], args.variants, args.repeats, args.device, args.in_process
+            )
+            for name in chosen
+        },
+    }
+    # Flat keys too, so a reader finds e.g. "digits.ratio_c_over_b" at once.
+    for name, result in results["workloads"].items():
+        for key, value in result.items():
+            if key.startswith("ratio_"):
+                results[f"{name}.{key}"] = value
+        if "c_dlharness" in result:
+            results[f"{name}.end_of_run_s"] = result["c_dlharness"]["end_of_run_s"]["median"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print_report(results)
+    print(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

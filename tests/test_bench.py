@@ -1,0 +1,42 @@
+"""The benchmark keeps working: one tiny in-process pass of every variant and workload.
+
+No timing is asserted here; budgets are checked by `scripts/bench.py` itself.
+"""
+
+from __future__ import annotations
+
+import json
+
+from dlharness.bench import VARIANTS, main
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "results.json"
+    argv = ["--epochs", "1", "--repeats", "1", "--samples", "60", "--in-process", "--out", str(out)]
+    assert main(argv) == 0
+    results = json.loads(out.read_text())
+    assert {"cpu", "cores", "torch", "lightning", "mlflow"} <= set(results["machine"])
+    for name in ("digits", "heavy"):
+        workload = results["workloads"][name]
+        for variant, label in VARIANTS.items():
+            assert workload[f"{variant}_{label}"]["fit_s"]["median"] > 0
+        tracking = workload["c_dlharness"]
+        assert {
+            "per_epoch_ms/metric_logging",
+            "per_epoch_ms/plots",
+            "per_epoch_ms/checkpoint_save",
+            "per_epoch_ms/artifact_upload",
+            "end_of_run_s",
+        } <= set(tracking)
+        for ratio in ("ratio_c_over_b", "ratio_b_over_a", "ratio_d_over_b"):
+            assert results[f"{name}.{ratio}"] == workload[ratio] > 0
+        assert set(workload["within_budget"]) == {
+            "ratio_c_over_b",
+            "ratio_b_over_a",
+            "end_of_run_s",
+        }
+
+
+def test_benchmark_refuses_unknown_workloads(capsys):
+    assert main(["--workloads", "imagenet"]) == 2
+    assert "workloads: digits, heavy" in capsys.readouterr().err
