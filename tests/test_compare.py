@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import subprocess
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -237,7 +238,5 @@ def test_script_and_console_entry_point(lrs, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "lr-0.01" in proc.stdout
-    from pathlib import Path
-
     entry = Path(PYTHON).parent / "dlharness-compare"
     assert subprocess.run([str(entry), "--help"], capture_output=True, timeout=60).returncode == 0

@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from dlharness.config import (
     ACCELERATORS,
@@ -19,9 +19,7 @@ from dlharness.config import (
     TrainConfig,
     load_config,
 )
-from dlharness.errors import UsageError
-
-EXIT_USAGE = 2
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
 FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
@@ -67,15 +65,8 @@ def _default_of(dotted: str) -> Any:
     return node
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage dump) and exits with code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="dlharness-train",
         description="Train an image classifier with every epoch tracked in MLflow.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

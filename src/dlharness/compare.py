@@ -12,7 +12,6 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
 
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
@@ -21,9 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dlharness.config import DEFAULT_TRACKING_URI
-from dlharness.errors import UsageError
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 
-EXIT_USAGE = 2
 DEFAULT_METRICS = ("val/loss", "val/acc")
 # (column, param) and (column, tag) of the --summary view.
 SUMMARY_PARAMS = (
@@ -319,13 +317,8 @@ def evaluate_epochs(
 # Command line
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(
+    parser = OneLineArgumentParser(
         prog="dlharness-compare",
         description="Compare the epochs of runs, or the epochs of one run, from an MLflow store.",
     )
