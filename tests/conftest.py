@@ -121,3 +121,12 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
             os.environ["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = previous
     scratch_left = set(Path(tempfile.gettempdir()).glob("dlharness-*")) - scratch_before
     return DefaultRun(cfg, result, sorted(scratch_left))
+
+
+@pytest.fixture
+def logged_default_run(default_run: DefaultRun):
+    """(config, result, client, run entity) of the default run, with MLflow pointed at it."""
+    cfg, result = default_run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    client = MlflowClient(result.tracking_uri)
+    return cfg, result, client, client.get_run(result.run_id)

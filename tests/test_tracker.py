@@ -45,12 +45,8 @@ IMAGE_NAME = re.compile(
 
 
 @pytest.fixture
-def run(default_run):
-    """(config, result, client, run entity) of the default run, with MLflow pointed at it."""
-    cfg, result = default_run
-    mlflow.set_tracking_uri(result.tracking_uri)
-    client = MlflowClient(result.tracking_uri)
-    return cfg, result, client, client.get_run(result.run_id)
+def run(logged_default_run):
+    return logged_default_run
 
 
 def all_artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> list[str]:

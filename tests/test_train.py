@@ -26,11 +26,8 @@ TEST_METRICS = [f"test/{name}" for name in ("loss", "acc", "precision", "recall"
 
 
 @pytest.fixture
-def logged(default_run):
-    cfg, result = default_run
-    mlflow.set_tracking_uri(result.tracking_uri)
-    client = MlflowClient(result.tracking_uri)
-    return cfg, result, client, client.get_run(result.run_id)
+def logged(logged_default_run):
+    return logged_default_run
 
 
 def test_default_config_reaches_97_percent_test_accuracy(logged):
