@@ -126,40 +126,43 @@ class Comparison:
 # Rendering
 
 
+def epoch_cells(
+    curves: Sequence[RunCurves], metrics: Sequence[str]
+) -> tuple[list[int], list[tuple[RunCurves, str, int | None]]]:
+    """The epochs any run logged, and one (run, metric, best epoch) per column of the table."""
+    epochs = sorted({e for run in curves for series in run.values.values() for e in series})
+    columns = [(run, metric, run.best_epoch(metric)) for run in curves for metric in metrics]
+    return epochs, columns
+
+
 def epoch_table(curves: Sequence[RunCurves], metrics: Sequence[str]) -> list[list[str]]:
     """Rows of the epoch table: header, then one row per epoch; the best epoch has a ★."""
-    header = ["epoch"]
-    for run in curves:
-        header += [f"{run.label} {metric}" for metric in metrics]
-    epochs = sorted({e for run in curves for series in run.values.values() for e in series})
-    rows = [header]
+    epochs, columns = epoch_cells(curves, metrics)
+    rows = [["epoch", *(f"{run.label} {metric}" for run, metric, _ in columns)]]
     for epoch in epochs:
         row = [str(epoch)]
-        for run in curves:
-            for metric in metrics:
-                value = run.values[metric].get(epoch)
-                star = " ★" if run.best_epoch(metric) == epoch else ""
-                row.append("" if value is None else f"{value:.4f}{star}")
+        for run, metric, best in columns:
+            value = run.values[metric].get(epoch)
+            star = " ★" if best == epoch else ""
+            row.append("" if value is None else f"{value:.4f}{star}")
         rows.append(row)
     return rows
 
 
 def write_csv(path: Path, curves: Sequence[RunCurves], metrics: Sequence[str]) -> None:
     """The epoch table with full-precision values; a `best` column per run and metric."""
-    epochs = sorted({e for run in curves for series in run.values.values() for e in series})
+    epochs, columns = epoch_cells(curves, metrics)
     header = ["epoch"]
-    for run in curves:
-        for metric in metrics:
-            header += [f"{run.run.info.run_id}/{metric}", f"{run.run.info.run_id}/{metric}/best"]
+    for run, metric, _ in columns:
+        header += [f"{run.run.info.run_id}/{metric}", f"{run.run.info.run_id}/{metric}/best"]
     with path.open("w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(header)
         for epoch in epochs:
             row: list[object] = [epoch]
-            for run in curves:
-                for metric in metrics:
-                    value = run.values[metric].get(epoch)
-                    row += ["" if value is None else repr(value), run.best_epoch(metric) == epoch]
+            for run, metric, best in columns:
+                value = run.values[metric].get(epoch)
+                row += ["" if value is None else repr(value), best == epoch]
             writer.writerow(row)
 
 
@@ -270,14 +273,8 @@ def evaluate_epochs(
     from dlharness.config import flatten, load_config
     from dlharness.data import build_datamodule
     from dlharness.models.classifier import ClassifierModule
-    from dlharness.resume import load_checkpoint_safely, logged_config
-    from dlharness.tracking.checkpoints import (
-        CHECKPOINT_FILE,
-        CheckpointError,
-        epoch_dir,
-        fetch_checkpoint,
-        stored_epochs,
-    )
+    from dlharness.resume import load_stored_checkpoint, logged_config
+    from dlharness.tracking.checkpoints import stored_epochs
     from dlharness.tracking.evaluation import evaluate
 
     client = MlflowClient(tracking_uri)
@@ -302,11 +299,7 @@ def evaluate_epochs(
     rows = [header]
     with tempfile.TemporaryDirectory() as scratch:
         for epoch in epochs:
-            try:
-                path = fetch_checkpoint(client, run_id, epoch, Path(scratch) / str(epoch))
-            except CheckpointError as exc:
-                raise UsageError(str(exc)) from None
-            state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+            _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch) / str(epoch))
             module = ClassifierModule(**state["hyper_parameters"])
             module.load_state_dict(state["state_dict"])
             metrics = evaluate(module, loader, device, stage=split).metrics

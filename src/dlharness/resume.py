@@ -139,6 +139,17 @@ def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
     return state
 
 
+def load_stored_checkpoint(
+    client: MlflowClient, run_id: str, epoch: int, dst: Path
+) -> tuple[Path, dict[str, Any]]:
+    """Download epoch `epoch`'s checkpoint into `dst`, check its sha256 and load it safely."""
+    try:
+        path = fetch_checkpoint(client, run_id, epoch, dst)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    return path, load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+
+
 def prepare_resume(
     target: str,
     epoch: int | None,
@@ -171,13 +182,8 @@ def prepare_resume(
             f"pass --max-epochs above {epoch + 1} to train longer"
         )
     scratch = Path(tempfile.mkdtemp(prefix="dlharness-resume-"))
-    artifact = f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"
     try:
-        path = fetch_checkpoint(client, run_id, epoch, scratch)
-        load_checkpoint_safely(path, artifact)
-    except CheckpointError as exc:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise UsageError(str(exc)) from None
+        path, _ = load_stored_checkpoint(client, run_id, epoch, scratch)
     except UsageError:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

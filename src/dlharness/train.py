@@ -27,8 +27,7 @@ from dlharness.data import ClassificationDataModule, build_datamodule
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
-from dlharness.resume import ResumePoint, check_same_data
-from dlharness.tracking.checkpoints import fetch_checkpoint
+from dlharness.resume import ResumePoint, check_same_data, load_stored_checkpoint
 from dlharness.tracking.evaluation import evaluate, log_evaluation
 from dlharness.tracking.model_logging import log_network, log_onnx, register_candidate
 from dlharness.tracking.run import (
@@ -145,8 +144,7 @@ def finish(
         epoch = checkpoints.stored_epochs[-1]
     client = MlflowClient()
     with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
-        path = fetch_checkpoint(client, run_id, epoch, Path(scratch))
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch))
     module.load_state_dict(state["state_dict"])
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
