@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train test lint format clean
+.PHONY: venv train server test lint format clean
 
 venv: $(STAMP)
 
@@ -12,11 +12,16 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# --no-compile: byte-compiling all of torch costs about a minute; imports compile what they use.
+	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
 	touch $(STAMP)
 
 train: venv
 	$(BIN)/python scripts/train.py $(ARGS)
+
+# A shared tracking server on 127.0.0.1:5000; BACKEND_STORE_URI=postgresql://… for PostgreSQL.
+server: venv
+	$(BIN)/python scripts/server.py $(ARGS)
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -30,4 +35,4 @@ format: venv
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) mlflow.db mlruns .pytest_cache
+	rm -rf $(VENV) mlflow.db mlruns mlserver .pytest_cache

@@ -16,6 +16,7 @@ from dlharness.config import (
     OPTIMIZERS,
     PRECISIONS,
     SCHEDULERS,
+    STRATEGIES,
     TrainConfig,
     load_config,
 )
@@ -26,6 +27,9 @@ FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
     ("--accelerator", "trainer.accelerator", str, ACCELERATORS, "device kind"),
     ("--devices", "trainer.devices", str, None, "auto, a count, or GPU ids like 0,1"),
     ("--precision", "trainer.precision", str, PRECISIONS, "numeric precision"),
+    ("--strategy", "trainer.strategy", str, STRATEGIES,
+     "ddp: one process per device, metrics reduced across them"),
+    ("--num-nodes", "trainer.num_nodes", int, None, "machines in a multi-node DDP job"),
     ("--max-epochs", "trainer.max_epochs", int, None, "epochs to train"),
     ("--batch-size", "data.batch_size", int, None, "samples per batch"),
     ("--lr", "optim.lr", float, None, "learning rate"),
@@ -193,6 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    if result is None:  # a DDP rank other than 0: rank 0 reports
+        return 0
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))
     print(f"run {result.run_id} finished: {metrics}")
     if result.tracking_uri.startswith(("http://", "https://")):

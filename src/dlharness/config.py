@@ -27,6 +27,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine")
 ACCELERATORS = ("auto", "cpu", "gpu", "mps")
 PRECISIONS = ("32", "16-mixed", "bf16-mixed")
+# "ddp" starts one process per device (re-running the command) and joins them with
+# torch.distributed: gloo on CPU, NCCL on GPUs. "auto" is Lightning's choice (ddp for >1 device).
+STRATEGIES = ("auto", "ddp")
 MONITORABLE = tuple(
     f"{stage}/{name}"
     for stage in ("val", "train")
@@ -77,6 +80,9 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: int | str = "auto"
     precision: str = "32"
+    strategy: str = "auto"
+    # Machines in a multi-node DDP job (each runs the same command; see the README).
+    num_nodes: int = 1
     deterministic: bool = True
 
 
@@ -257,6 +263,8 @@ def validate(cfg: TrainConfig) -> None:
     _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
     _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
     _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
+    _positive("trainer.num_nodes", cfg.trainer.num_nodes)
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("trainer.max_epochs", cfg.trainer.max_epochs)

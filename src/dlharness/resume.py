@@ -43,6 +43,8 @@ SAFE_ON_RESUME = frozenset(
         "trainer.max_epochs",
         "trainer.accelerator",
         "trainer.devices",
+        "trainer.strategy",
+        "trainer.num_nodes",
         "data.data_dir",
         "data.download",
         "data.num_workers",

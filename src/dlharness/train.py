@@ -24,6 +24,7 @@ from dlharness.callbacks.mlflow_checkpoint import MlflowCheckpoint
 from dlharness.callbacks.run_context import RunContextLogger
 from dlharness.config import TrainConfig, parse_devices
 from dlharness.data import ClassificationDataModule, build_datamodule
+from dlharness.distributed import is_launch_leader
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
@@ -103,6 +104,8 @@ def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback])
         max_epochs=cfg.trainer.max_epochs,
         accelerator=accelerator,
         devices=parse_devices(cfg.trainer.devices),
+        strategy=cfg.trainer.strategy,
+        num_nodes=cfg.trainer.num_nodes,
         precision=cfg.trainer.precision,
         # "warn": deterministic kernels wherever they exist; CUDA ops without one only warn.
         deterministic="warn" if cfg.trainer.deterministic else False,
@@ -177,17 +180,84 @@ def finish(
     )
 
 
-def train(cfg: TrainConfig, resume: ResumePoint | None = None) -> TrainResult:
+def build_callbacks(
+    cfg: TrainConfig,
+    worker: TrackingWorker,
+    run_id: str,
+    accelerator: str,
+    datamodule: ClassificationDataModule,
+) -> tuple[EpochTracker, MlflowCheckpoint, RunContextLogger]:
+    tracker = EpochTracker(worker, run_id, datamodule.info.class_names, plots=cfg.tracker.plots)
+    checkpoints = MlflowCheckpoint(
+        worker,
+        run_id,
+        every_n_epochs=cfg.tracker.checkpoint_every_n_epochs,
+        keep_last=cfg.tracker.keep_last_checkpoints,
+        monitor=cfg.tracker.monitor,
+        mode=cfg.tracker.mode,
+    )
+    context = RunContextLogger(worker, run_id, accelerator, Path(dlharness.__file__).parent)
+    return tracker, checkpoints, context
+
+
+def fit(
+    cfg: TrainConfig,
+    accelerator: str,
+    module: ClassifierModule,
+    datamodule: ClassificationDataModule,
+    callbacks: tuple[EpochTracker, MlflowCheckpoint, RunContextLogger],
+    resume: ResumePoint | None,
+) -> None:
+    tracker, checkpoints, context = callbacks
+    # The tracker records an epoch's values before the checkpoint of that epoch is taken, so
+    # every checkpoint carries the history up to and including its epoch.
+    trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=resume.checkpoint if resume else None,
+        weights_only=True,
+    )
+
+
+def train(cfg: TrainConfig, resume: ResumePoint | None = None) -> TrainResult | None:
     """Train, evaluate and log one run as `cfg` says; raise `UsageError` for bad input.
 
     With `resume` (from `prepare_resume`, whose config `cfg` is), training continues from
     that checkpoint: in the same run, reopened, or with `resume.fork` in a new one.
+    Under DDP only the leading process (global rank 0) opens and logs the run and returns
+    its result; every other rank trains its shard in step with it and returns None.
     """
     try:
+        if not is_launch_leader():
+            _follow(cfg, resume)
+            return None
         return _train(cfg, resume)
     finally:
         if resume is not None:
             resume.cleanup()
+
+
+def _follow(cfg: TrainConfig, resume: ResumePoint | None) -> None:
+    accelerator = check_hardware(cfg)
+    # Lightning prepares data on each node's local rank 0; the others only read it.
+    datamodule = build_datamodule(cfg.data, cfg.seed)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg, datamodule)
+    _quiet_irrelevant_warnings()
+    worker = TrackingWorker()
+    try:
+        # No run id: the callbacks do their I/O on global rank 0 only.
+        callbacks = build_callbacks(cfg, worker, "", accelerator, datamodule)
+        fit(cfg, accelerator, module, datamodule, callbacks, resume)
+    finally:
+        worker.close()
+
+
+def _quiet_irrelevant_warnings() -> None:
+    # Notes that do not apply: in-memory sets need no workers; the pytree one is Lightning's.
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
 
 
 def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
@@ -216,9 +286,7 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         checkpoint=False,
         silent=True,
     )
-    # Notes that do not apply: in-memory sets need no workers; the pytree one is Lightning's.
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
+    _quiet_irrelevant_warnings()
 
     resume_tags = {}
     if resume is not None:
@@ -231,30 +299,12 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
         worker = TrackingWorker()
         try:
-            tracker = EpochTracker(
-                worker, run_id, datamodule.info.class_names, plots=cfg.tracker.plots
-            )
-            checkpoints = MlflowCheckpoint(
-                worker,
-                run_id,
-                every_n_epochs=cfg.tracker.checkpoint_every_n_epochs,
-                keep_last=cfg.tracker.keep_last_checkpoints,
-                monitor=cfg.tracker.monitor,
-                mode=cfg.tracker.mode,
-            )
-            context = RunContextLogger(worker, run_id, accelerator, Path(dlharness.__file__).parent)
-            # The tracker records an epoch's values before the checkpoint of that epoch is
-            # taken, so every checkpoint carries the history up to and including its epoch.
-            trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
+            callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule)
             started = time.perf_counter()
-            trainer.fit(
-                module,
-                datamodule=datamodule,
-                ckpt_path=resume.checkpoint if resume else None,
-                weights_only=True,
-            )
+            fit(cfg, accelerator, module, datamodule, callbacks, resume)
         finally:
             worker.close()
+        checkpoints = callbacks[1]
         timings = {
             "fit": time.perf_counter() - started,
             "checkpoint_save": checkpoints.save_seconds,

@@ -23,14 +23,16 @@ from dlharness.models.nets import build_net
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
 
-def classification_metrics(num_classes: int) -> MetricCollection:
+def classification_metrics(num_classes: int, sync_on_compute: bool = True) -> MetricCollection:
+    """The metrics of every stage; `sync_on_compute=False` for one process's own evaluation."""
+    options = {"sync_on_compute": sync_on_compute}
     return MetricCollection(
         {
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "precision": MulticlassPrecision(num_classes, average="macro"),
-            "recall": MulticlassRecall(num_classes, average="macro"),
-            "f1": MulticlassF1Score(num_classes, average="macro"),
-            "auroc": MulticlassAUROC(num_classes, average="macro"),
+            "acc": MulticlassAccuracy(num_classes, average="micro", **options),
+            "precision": MulticlassPrecision(num_classes, average="macro", **options),
+            "recall": MulticlassRecall(num_classes, average="macro", **options),
+            "f1": MulticlassF1Score(num_classes, average="macro", **options),
+            "auroc": MulticlassAUROC(num_classes, average="macro", **options),
         }
     )
 
@@ -101,7 +103,8 @@ class ClassifierModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", lr, on_step=False, on_epoch=True)
+        # Equal on every rank; the sync only keeps Lightning from warning under DDP.
+        self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -47,7 +47,10 @@ def evaluate(
     """Loss and the training metrics (same definitions) on every sample of `loader`, in order,
     named ``{stage}/{metric}``."""
     module = module.to(device).eval()
-    metrics = classification_metrics(module.hparams.net_spec["num_classes"]).to(device)
+    # Evaluated by this process alone: after DDP the other ranks are gone, and syncing with
+    # them would wait forever.
+    num_classes = module.hparams.net_spec["num_classes"]
+    metrics = classification_metrics(num_classes, sync_on_compute=False).to(device)
     probabilities, targets, bad_inputs, bad_index = [], [], [], []
     loss_sum, seen = 0.0, 0
     for x, y in loader:

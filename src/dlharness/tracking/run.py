@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import requests
+from filelock import FileLock
 from mlflow.entities import Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
@@ -19,6 +20,8 @@ from dlharness.errors import UsageError
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
+# Seconds to wait for another process that is creating a fresh SQLite store's tables (≈1 s).
+STORE_LOCK_TIMEOUT_S = 120
 
 
 def _first_line(exc: BaseException) -> str:
@@ -52,15 +55,36 @@ def check_tracking_uri(uri: str) -> None:
                 f"MLflow tracking server at {uri} answered /health with HTTP {response.status_code}"
             )
     try:
-        MlflowClient(uri).search_experiments(max_results=1)
+        open_store(uri)
     except Exception as exc:
         raise UsageError(f"tracking URI {uri} is not usable: {_first_line(exc)}") from None
+
+
+def open_store(uri: str) -> None:
+    """Open the store once, creating or upgrading a SQLite store's tables under a file lock.
+
+    Processes that open a fresh SQLite file at the same moment each run MLflow's schema
+    migrations and fail ("duplicate column name: step"); the lock lets the first create the
+    tables while the others wait, then find them ready.
+    """
+    db_path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else None
+    if db_path is None or db_path == ":memory:":
+        MlflowClient(uri).search_experiments(max_results=1)
+        return
+    with FileLock(f"{db_path}.lock", timeout=STORE_LOCK_TIMEOUT_S):
+        MlflowClient(uri).search_experiments(max_results=1)
 
 
 def set_experiment(uri: str, name: str) -> str:
     mlflow.set_tracking_uri(uri)
     try:
-        return mlflow.set_experiment(name).experiment_id
+        try:
+            return mlflow.set_experiment(name).experiment_id
+        except mlflow.exceptions.MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            # Another process created it between our lookup and our create: use theirs.
+            return mlflow.set_experiment(name).experiment_id
     except mlflow.exceptions.MlflowException as exc:
         raise UsageError(f"experiment '{name}': {_first_line(exc)}") from None
 

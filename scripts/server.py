@@ -1,0 +1,8 @@
+"""Start MLflow's tracking server for a team (loopback, proxied artifacts): `--help`."""
+
+import sys
+
+from dlharness.server import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""`dlharness-server`: MLflow's own tracking server for a team, on loopback unless told.
+
+Artifacts are proxied (`--serve-artifacts`): clients upload and download them through the
+server over HTTP and never need the server's disk. The backend store is SQLite unless
+`$BACKEND_STORE_URI` (or `--backend-store-uri`) names another, e.g. ``postgresql://…``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import requests
+
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.redaction import redact_uri
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5000
+DEFAULT_ROOT = "mlserver"
+# Seconds a fresh server may take to answer /health: ≈9 s measured on 2 cores.
+START_TIMEOUT_S = 90
+
+
+def server_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The job runner serves MLflow's GenAI features, which training does not use; it is a
+    # second process and doubles the start time (≈19 s → ≈9 s measured).
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return env
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def server_command(
+    backend_store_uri: str,
+    artifacts_destination: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    allowed_hosts: str | None = None,
+    basic_auth: bool = False,
+) -> list[str]:
+    """The `mlflow server` command line (run with this interpreter's MLflow)."""
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--host", host,
+        "--port", str(port),
+        "--backend-store-uri", backend_store_uri,
+        "--serve-artifacts",
+        "--artifacts-destination", artifacts_destination,
+        # One worker: SQLite takes one writer at a time, and a laptop or CI box has few cores.
+        "--workers", "1",
+    ]  # fmt: skip
+    if allowed_hosts:
+        command += ["--allowed-hosts", allowed_hosts]
+    if basic_auth:
+        command += ["--app-name", "basic-auth"]
+    return command
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {process.returncode}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"mlflow server at {url} did not answer /health in {timeout_s:.0f} s")
+
+
+def free_port(host: str = DEFAULT_HOST) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(
+    backend_store_uri: str,
+    artifacts_destination: Path,
+    port: int | None = None,
+    log_path: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1 for the duration of the block: (URL, process)."""
+    port = port or free_port()
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    process = subprocess.Popen(
+        server_command(backend_store_uri, str(artifacts_destination), port=port),
+        env=server_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        # Its own process group, so that stopping it also stops uvicorn's worker.
+        start_new_session=True,
+    )
+    url = f"http://{DEFAULT_HOST}:{port}"
+    try:
+        wait_until_healthy(url, process, START_TIMEOUT_S)
+        yield url, process
+    finally:
+        stop_server(process)
+        if log_path:
+            log.close()
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, 15)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, 9)
+        process.wait()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="dlharness-server",
+        description="Start MLflow's tracking server with proxied artifacts for a team.",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"interface to bind (default: {DEFAULT_HOST}; others need --basic-auth)",
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="(default: %(default)s)")
+    parser.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help=f"runs and metrics store (default: $BACKEND_STORE_URI, else "
+        f"sqlite:///{DEFAULT_ROOT}/mlflow.db)",
+    )
+    parser.add_argument(
+        "--artifacts-destination",
+        default=f"{DEFAULT_ROOT}/artifacts",
+        help="where the server keeps artifacts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="Host headers accepted, comma-separated (default: MLflow's, localhost only)",
+    )
+    parser.add_argument(
+        "--basic-auth",
+        action="store_true",
+        help="require a user and password (MLflow's basic-auth app; change the admin password)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not is_loopback(args.host) and not args.basic_auth:
+            raise UsageError(
+                f"--host {args.host} exposes the server beyond this machine: add --basic-auth "
+                "(and --allowed-hosts), or keep the default 127.0.0.1"
+            )
+        backend = (
+            args.backend_store_uri
+            or os.environ.get("BACKEND_STORE_URI")
+            or f"sqlite:///{DEFAULT_ROOT}/mlflow.db"
+        )
+        if backend.startswith("sqlite:///"):
+            Path(backend.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        artifacts = args.artifacts_destination
+        if "://" not in artifacts:
+            Path(artifacts).mkdir(parents=True, exist_ok=True)
+            artifacts = str(Path(artifacts).resolve())
+    except UsageError as exc:
+        print(f"dlharness-server: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    command = server_command(
+        backend, artifacts, args.host, args.port, args.allowed_hosts, args.basic_auth
+    )
+    print(
+        f"MLflow server on http://{args.host}:{args.port} (store: {redact_uri(backend)}, "
+        f"artifacts: {artifacts})",
+        flush=True,
+    )
+    # Become the server: Ctrl-C and `kill` reach it directly.
+    os.execve(command[0], command, server_env())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
