@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -18,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.cli import main
 from dlharness.config import load_config
+from dlharness.interruption import TrainingInterrupted
 from dlharness.models.classifier import ClassifierModule
 from dlharness.resume import parse_target, prepare_resume
 from dlharness.tracking.checkpoints import (
@@ -173,6 +176,94 @@ def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment)
     assert_one_value_per_epoch(client, run_id)
     assert_same_training(client, run_id, references["cosine"], tmp_path)
     assert_nothing_running(uri)
+
+
+# Signals: SIGINT (Ctrl-C) and SIGTERM (pre-emption)
+
+
+def assert_same_after_a_stop(
+    client: MlflowClient, run_id: str, reference: str, tmp_path: Path, stopped_in: int
+) -> None:
+    """Same weights, same validation metrics; the train/* values of the epoch stopped in the
+    middle average the batches after the resume only (Lightning does not checkpoint them)."""
+    ours, theirs = histories(client, run_id), histories(client, reference)
+    for key in KEYS:
+        for (step, a), (_, b) in zip(ours[key], theirs[key], strict=True):
+            partial = key in ("train/loss", "train/acc") and step == stopped_in
+            assert partial or abs(a - b) <= 1e-6, (key, step, a, b)
+    last = EPOCHS - 1
+    mine = torch.load(fetch_checkpoint(client, run_id, last, tmp_path / "a"), weights_only=True)
+    ref = torch.load(fetch_checkpoint(client, reference, last, tmp_path / "b"), weights_only=True)
+    for name, tensor in ref["state_dict"].items():
+        assert torch.equal(mine["state_dict"][name], tensor), name
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_stores_the_state_ends_killed_and_prints_the_resume_command(lab, tmp_path, signum):
+    folder, uri, config, references = lab
+    client = MlflowClient(uri)
+    pattern = "artifacts/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
+    earlier = set(folder.glob(pattern))
+    proc = start_training(folder, uri, config, "--run-name", f"signal-{signum.name}")
+    record = wait_for(folder, pattern, proc, ignore=earlier)
+    time.sleep(0.15)  # into epoch 3: epochs take about 0.4 s here
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    run_id = run_id_of(record)
+    assert client.get_run(run_id).info.status == "KILLED"
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith(f"dlharness-train: interrupted by {signum.name}")
+    assert f"Run {run_id} ended KILLED" in message
+
+    command = shlex.split(message.split("resume: ", 1)[1])
+    resumed = subprocess.run(
+        command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_one_value_per_epoch(client, run_id)
+    where = re.search(r"at epoch (\d+)|after epoch (\d+)", message)
+    stopped_in = int(where.group(1) or where.group(2))
+    assert_same_after_a_stop(client, run_id, references["cosine"], tmp_path, stopped_in)
+    assert_nothing_running(uri)
+
+
+def test_mid_epoch_stop_resumes_exactly_where_it_stopped(lab, tmp_path, monkeypatch):
+    """A real SIGTERM at batch 6 of epoch 1: the stored state continues with batch 7."""
+    _, uri, config, references = lab
+    client = MlflowClient(uri)
+    original_step = ClassifierModule.training_step
+
+    def step_then_signal(module, batch, batch_idx):
+        if module.trainer.current_epoch == 1 and batch_idx == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", step_then_signal)
+    cfg = load_config(config, {"tracking.tracking_uri": uri, "tracking.run_name": "mid-epoch"})
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(cfg)
+    monkeypatch.undo()
+    run_id = stopped.value.run_id
+    assert stopped.value.signum == signal.SIGTERM
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert stored_epochs(client, run_id) == [0, 1]
+    record = checkpoint_metadata(client, run_id, 1)
+    assert (record["complete"], record["batches_done"]) == (False, 6)
+    assert record["global_step"] == 20 + 6
+
+    result = train(*resume_args(uri, run_id))
+    assert result.run_id == run_id
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert_one_value_per_epoch(client, run_id)
+    assert_same_after_a_stop(client, run_id, references["cosine"], tmp_path, stopped_in=1)
+
+
+def resume_args(uri: str, run_id: str):
+    point = prepare_resume(run_id, None, {"tracking.tracking_uri": uri}, uri, False)
+    return point.config, point
 
 
 # 2. --fork

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from dlharness.config import (
@@ -21,6 +24,7 @@ from dlharness.config import (
     load_config,
 )
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.interruption import TrainingInterrupted
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
 FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
@@ -160,6 +164,16 @@ def with_flag_name(message: str) -> str:
     return message
 
 
+def resume_hint(exc: TrainingInterrupted) -> str:
+    """The exact command that continues an interrupted run, to paste as is."""
+    if exc.run_id is None:
+        return "No run was started."
+    script = sys.argv[0]
+    program = [sys.executable, script] if script.endswith(".py") else [Path(script).name]
+    command = [*program, "--resume", exc.run_id, "--tracking-uri", exc.tracking_uri or ""]
+    return f"Run {exc.run_id} ended KILLED with its state stored; resume: {shlex.join(command)}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Lightning's and MLflow's progress notes as plain lines (MLflow's autolog module would
@@ -197,6 +211,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except TrainingInterrupted as exc:
+        print(f"dlharness-train: {exc}. {resume_hint(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("dlharness-train: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     if result is None:  # a DDP rank other than 0: rank 0 reports
         return 0
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))

@@ -174,6 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--host {args.host} exposes the server beyond this machine: add --basic-auth "
                 "(and --allowed-hosts), or keep the default 127.0.0.1"
             )
+        if args.basic_auth and not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+            raise UsageError(
+                "--basic-auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin password that "
+                "MLflow creates on first start (it has no default)"
+            )
         backend = (
             args.backend_store_uri
             or os.environ.get("BACKEND_STORE_URI")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -14,6 +17,7 @@ import lightning as L
 import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -26,6 +30,7 @@ from dlharness.config import TrainConfig, parse_devices
 from dlharness.data import ClassificationDataModule, build_datamodule
 from dlharness.distributed import is_launch_leader
 from dlharness.errors import UsageError
+from dlharness.interruption import StopSignals, TrainingInterrupted
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
 from dlharness.resume import ResumePoint, check_same_data, load_stored_checkpoint
@@ -180,12 +185,28 @@ def finish(
     )
 
 
+def process_count(cfg: TrainConfig, accelerator: str) -> int:
+    """How many training processes Lightning will run (1 unless DDP)."""
+    devices = parse_devices(cfg.trainer.devices)
+    if isinstance(devices, list):
+        per_node = len(devices)
+    elif devices in ("auto", -1):
+        # Lightning's "auto" is every GPU, but one process on a CPU.
+        per_node = torch.cuda.device_count() if accelerator == "gpu" else 1
+        if devices == -1 and accelerator == "cpu":
+            per_node = os.cpu_count() or 1
+    else:
+        per_node = int(devices)
+    return per_node * cfg.trainer.num_nodes
+
+
 def build_callbacks(
     cfg: TrainConfig,
     worker: TrackingWorker,
     run_id: str,
     accelerator: str,
     datamodule: ClassificationDataModule,
+    stop: StopSignals | None = None,
 ) -> tuple[EpochTracker, MlflowCheckpoint, RunContextLogger]:
     tracker = EpochTracker(worker, run_id, datamodule.info.class_names, plots=cfg.tracker.plots)
     checkpoints = MlflowCheckpoint(
@@ -195,6 +216,7 @@ def build_callbacks(
         keep_last=cfg.tracker.keep_last_checkpoints,
         monitor=cfg.tracker.monitor,
         mode=cfg.tracker.mode,
+        stop=stop,
     )
     context = RunContextLogger(worker, run_id, accelerator, Path(dlharness.__file__).parent)
     return tracker, checkpoints, context
@@ -293,22 +315,51 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         resume_tags["dlharness.resumed_from_epoch"] = str(resume.epoch)
         if resume.fork:
             resume_tags["dlharness.parent_run_id"] = resume.run_id
-    with tracked_run(cfg, resume.run_id if reopen else None, resume_tags) as run:
+    # One process: SIGINT/SIGTERM stop at the next batch with the state stored. Under DDP,
+    # Lightning already stops every rank together on SIGTERM (at the next batch).
+    stop = StopSignals() if process_count(cfg, accelerator) == 1 else None
+    with (
+        tracked_run(cfg, resume.run_id if reopen else None, resume_tags) as run,
+        stop or contextlib.nullcontext(),
+    ):
         run_id = run.info.run_id
-        log_config(cfg, run.data.params if reopen else None)
-        mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
-        worker = TrackingWorker()
         try:
-            callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule)
-            started = time.perf_counter()
-            fit(cfg, accelerator, module, datamodule, callbacks, resume)
-        finally:
-            worker.close()
-        checkpoints = callbacks[1]
-        timings = {
-            "fit": time.perf_counter() - started,
-            "checkpoint_save": checkpoints.save_seconds,
-            **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
-        }
-        device = TORCH_DEVICES[accelerator]
-        return finish(cfg, module, datamodule, checkpoints, run, device, timings)
+            return _tracked_training(cfg, accelerator, module, datamodule, resume, run, stop)
+        except SIGTERMException:
+            raise TrainingInterrupted(signal.SIGTERM, " (DDP: at the last checkpoint)") from None
+        except TrainingInterrupted as exc:
+            exc.run_id, exc.tracking_uri = run_id, uri
+            raise
+
+
+def _tracked_training(
+    cfg: TrainConfig,
+    accelerator: str,
+    module: ClassifierModule,
+    datamodule: ClassificationDataModule,
+    resume: ResumePoint | None,
+    run: Run,
+    stop: StopSignals | None,
+) -> TrainResult:
+    reopen = resume is not None and not resume.fork
+    log_config(cfg, run.data.params if reopen else None)
+    mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
+    worker = TrackingWorker()
+    try:
+        callbacks = build_callbacks(cfg, worker, run.info.run_id, accelerator, datamodule, stop)
+        started = time.perf_counter()
+        if stop is not None:
+            stop.deferring = True
+        fit(cfg, accelerator, module, datamodule, callbacks, resume)
+    finally:
+        if stop is not None:
+            stop.deferring = False
+        worker.close()
+    checkpoints = callbacks[1]
+    timings = {
+        "fit": time.perf_counter() - started,
+        "checkpoint_save": checkpoints.save_seconds,
+        **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
+    }
+    device = TORCH_DEVICES[accelerator]
+    return finish(cfg, module, datamodule, checkpoints, run, device, timings)

@@ -30,6 +30,11 @@ class EpochLinePrinter(L.Callback):
         self._epoch_start = 0.0
 
     @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A run resumed in the middle of an epoch gets no on_train_epoch_start for it.
+        self._epoch_start = time.perf_counter()
+
+    @override
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
 

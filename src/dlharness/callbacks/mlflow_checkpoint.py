@@ -17,6 +17,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
+from dlharness.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.checkpoints import (
     BEST_EPOCH_TAG,
     CHECKPOINT_FILE,
@@ -50,6 +51,9 @@ class MlflowCheckpoint(L.Callback):
         keep_last: How many of the newest checkpoints to keep; None keeps all.
         monitor: Metric that decides the best checkpoint, e.g. ``val/loss``.
         mode: ``min`` or ``max``: which direction of `monitor` is better.
+        stop: SIGINT/SIGTERM requests to honour: at the next batch boundary the state is
+            stored (``complete: false`` in the record when mid-epoch) and training ends with
+            `TrainingInterrupted`. None for DDP, where Lightning stops all ranks together.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class MlflowCheckpoint(L.Callback):
         keep_last: int | None = 5,
         monitor: str = "val/loss",
         mode: str = "min",
+        stop: StopSignals | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -73,6 +78,7 @@ class MlflowCheckpoint(L.Callback):
         self.keep_last = keep_last
         self.monitor = monitor
         self.mode = mode
+        self.stop = stop
         self.best_epoch: int | None = None
         self.best_value: float | None = None
         self.stored_epochs: list[int] = []
@@ -117,16 +123,42 @@ class MlflowCheckpoint(L.Callback):
                     self.best_epoch = self.best_value = None
 
     @override
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.stop is None or self.stop.requested is None:
+            return
+        done = batch_idx + 1
+        if done >= trainer.num_training_batches:
+            return  # the epoch's own checkpoint, after validation, is moments away
+        epoch = trainer.current_epoch
+        self._save(trainer, epoch, {"complete": False, "batches_done": done})
+        self._stop_now(f" at epoch {epoch}, batch {done} of {trainer.num_training_batches}")
+
+    @override
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or trainer.fast_dev_run:
             return
         epoch = trainer.current_epoch
         is_last = epoch + 1 >= (trainer.max_epochs or math.inf)
-        if (epoch + 1) % self.every_n_epochs and not is_last:
+        stopping = self.stop is not None and self.stop.requested is not None
+        if (epoch + 1) % self.every_n_epochs and not is_last and not stopping:
             return
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         self._update_best(epoch, metrics)
-        self.stored_epochs.append(epoch)
+        self._save(trainer, epoch, {**metrics, "complete": True})
+        if stopping:
+            self._stop_now(f" after epoch {epoch}")
+
+    def _save(self, trainer: L.Trainer, epoch: int, record: dict[str, Any]) -> None:
+        """Write the checkpoint of `epoch` (every rank takes part) and queue its upload."""
+        if epoch not in self.stored_epochs:  # a resumed, once interrupted epoch is stored again
+            self.stored_epochs.append(epoch)
         doomed = self._beyond_retention()
         self.stored_epochs = [e for e in self.stored_epochs if e not in doomed]
 
@@ -146,10 +178,16 @@ class MlflowCheckpoint(L.Callback):
             self._store,
             epoch,
             final,
-            {**metrics, "epoch": epoch, "global_step": trainer.global_step},
+            {**record, "epoch": epoch, "global_step": trainer.global_step},
             self.best_epoch,
             doomed,
         )
+
+    def _stop_now(self, where: str) -> None:
+        """Wait until the checkpoint just taken is stored, then end training."""
+        assert self.stop is not None and self.stop.requested is not None
+        self.worker.flush()
+        raise TrainingInterrupted(self.stop.requested, where)
 
     def _present(self) -> set[int]:
         return set(stored_epochs(MlflowClient(), self.run_id))

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torchvision.transforms import v2
 
 from dlharness.config import DataConfig
@@ -35,14 +35,46 @@ def image_transform(
     return v2.Compose(steps)
 
 
+class ResumableRandomSampler(Sampler[int]):
+    """A random order per pass from one seeded generator, that can resume mid-pass.
+
+    `epoch_state` is the generator's state just before the current pass drew its order;
+    `resume(state, skip)` makes the next pass draw that same order again and leave out its
+    first `skip` indices, so a run stopped after k batches continues with batch k + 1.
+    """
+
+    def __init__(self, size: int, generator: torch.Generator) -> None:
+        self.size = size
+        self.generator = generator
+        self.epoch_state: torch.Tensor | None = None
+        self._resume: tuple[torch.Tensor, int] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def resume(self, epoch_state: torch.Tensor, skip: int) -> None:
+        self._resume = (epoch_state, skip)
+
+    def __iter__(self):
+        skip = 0
+        if self._resume is not None:
+            state, skip = self._resume
+            self._resume = None
+            self.generator.set_state(state)
+        self.epoch_state = self.generator.get_state()
+        order = torch.randperm(self.size, generator=self.generator).tolist()
+        yield from order[skip:]
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Seeded train/val/test splits of one labelled image set.
 
     Subclasses say what the data is (`info`), where it comes from (`prepare_data`) and how to
     read it (`load`); this class splits it with a generator seeded from the run's seed, so the
     same seed always gives the same split, and `setup` may be called any number of times.
-    The shuffling generator's state is part of `state_dict`, so a resumed run sees the same
-    batch order as an uninterrupted one.
+    The shuffling generator's state, and the position inside an interrupted epoch, are part
+    of `state_dict`, so a resumed run sees the same batches in the same order as an
+    uninterrupted one.
     """
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
@@ -53,6 +85,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
         self.shuffle_generator = torch.Generator().manual_seed(seed)
+        self.train_sampler: ResumableRandomSampler | None = None
 
     @property
     @abstractmethod
@@ -93,29 +126,55 @@ class ClassificationDataModule(L.LightningDataModule):
     def split_sizes(self) -> dict[str, int]:
         return {name: len(split) for name, split in self.splits().items()}
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
-            shuffle=shuffle,
-            generator=self.shuffle_generator if shuffle else None,
+            sampler=sampler,
+            # The loader draws its workers' base seed from this generator too; with the
+            # global one it would shift the dropout draws between a run and its resumption.
+            generator=self.shuffle_generator if sampler is not None else None,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        if self.train_sampler is None:
+            self.train_sampler = ResumableRandomSampler(len(self.train_set), self.shuffle_generator)
+        return self._loader(self.train_set, self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+        return self._loader(self.test_set)
+
+    def _batches_done_this_epoch(self) -> int:
+        """Training batches of the current epoch already done; 0 at an epoch's end."""
+        trainer = self.trainer
+        # Under DDP Lightning wraps the sampler to shard it, and a skip would shift the shards.
+        if trainer is None or trainer.world_size > 1:
+            return 0
+        # "processed", not "completed": a checkpoint taken in on_train_batch_end sees the batch
+        # processed but not yet counted as completed (Lightning completes it on restore).
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done if done < trainer.num_training_batches else 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shuffle_generator": self.shuffle_generator.get_state()}
+        state: dict[str, Any] = {"shuffle_generator": self.shuffle_generator.get_state()}
+        done = self._batches_done_this_epoch()
+        sampler = self.train_sampler
+        if done and sampler is not None and sampler.epoch_state is not None:
+            state["epoch_order"] = sampler.epoch_state
+            state["samples_done"] = done * self.cfg.batch_size
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shuffle_generator.set_state(state_dict["shuffle_generator"])
+        if "epoch_order" in state_dict:
+            self.setup()
+            self.train_dataloader()
+            assert self.train_sampler is not None
+            self.train_sampler.resume(state_dict["epoch_order"], state_dict["samples_done"])

@@ -101,10 +101,12 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "test")
 
-    def on_train_epoch_start(self) -> None:
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Per batch, not per epoch start: a run resumed mid-epoch gets no epoch start. The rate
+        # changes only between epochs, so "max" is the epoch's rate, exactly. Equal on every
+        # rank; the sync only keeps Lightning from warning under DDP.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        # Equal on every rank; the sync only keeps Lightning from warning under DDP.
-        self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/lr", lr, on_step=False, on_epoch=True, reduce_fx="max", sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

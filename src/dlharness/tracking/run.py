@@ -17,6 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from dlharness.config import TrainConfig, flatten
 from dlharness.errors import UsageError
+from dlharness.interruption import TrainingInterrupted
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
@@ -94,7 +95,7 @@ def tracked_run(
     cfg: TrainConfig, run_id: str | None = None, extra_tags: dict[str, str] | None = None
 ) -> Iterator[Run]:
     """Start (or, given `run_id`, reopen) an MLflow run and always end it: FINISHED, KILLED on
-    Ctrl-C, FAILED otherwise.
+    Ctrl-C or a stop signal, FAILED otherwise.
 
     MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
     exits through `sys.exit` in between; closing the run here keeps the store truthful.
@@ -111,7 +112,7 @@ def tracked_run(
     )
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, TrainingInterrupted):
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:
