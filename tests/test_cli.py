@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.cli import FLAGS, build_parser, main
 
-from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, run_statuses
+from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
 
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
 
@@ -73,48 +73,94 @@ def test_print_config_shows_the_overridden_config(capsys, tmp_path):
     assert printed["trainer"]["devices"] == "2"
 
 
-def _bad_inputs(tmp_path: Path):
-    bad_yaml = tmp_path / "bad.yaml"
-    bad_yaml.write_text("optim: [1, 2\n")
-    unknown_key = tmp_path / "unknown.yaml"
-    unknown_key.write_text("optim:\n  learning_rate: 1\n")
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    if torch.cuda.is_available():
-        gpu_case = (["--accelerator", "gpu", "--devices", "64"], "GPU(s) visible")
-    else:
-        gpu_case = (["--accelerator", "gpu"], "--accelerator cpu")
-    return [
-        gpu_case,
-        (["--dataset", "imagenet"], "invalid choice"),
-        (["--model", "vit"], "invalid choice"),
-        (["--optimizer", "lion"], "invalid choice"),
-        (["--lr", "0"], "optim.lr (--lr) must be a positive number"),
-        (["--lr=-0.1"], "must be a positive number"),
-        (["--lr", "nan"], "must be a positive number"),
-        (["--batch-size", "0"], "data.batch_size (--batch-size) must be a positive number"),
-        (["--batch-size", "many"], "invalid int value"),
-        (["--max-epochs", "0"], "trainer.max_epochs (--max-epochs) must be a positive number"),
-        (["--dataset", "imagefolder", "--data-dir", str(tmp_path / "nope")], "does not exist"),
-        (["--dataset", "mnist", "--data-dir", str(empty)], "pass --download"),
-        (["--tag", "novalue"], "--tag expects KEY=VALUE"),
-        (["--tag", "=x"], "--tag expects KEY=VALUE"),
-        (["--config", str(tmp_path / "missing.yaml")], "config file not found"),
-        (["--config", str(bad_yaml)], "YAML syntax error"),
-        (["--config", str(unknown_key)], "unknown config key 'optim.learning_rate'"),
-        (["--precision", "16-mixed", "--accelerator", "cpu"], "use bf16-mixed or 32"),
-        (["--devices", "0,1", "--accelerator", "cpu"], "on CPU give a count"),
-        (["--devices", "two"], "is not valid"),
-    ]
+def write_bad_configs(folder: Path) -> None:
+    files = {
+        "syntax.yaml": "optim: [1, 2\n",
+        "unknown.yaml": "optim:\n  learning_rate: 1\n",
+        "nan.yaml": "optim:\n  lr: .nan\n",
+        "bool.yaml": "trainer:\n  max_epochs: true\n",
+        "section.yaml": "data: 5\n",
+        "list.yaml": "- 1\n- 2\n",
+        "dropout.yaml": "model:\n  dropout: 1.5\n",
+        "fractions.yaml": "data:\n  val_fraction: 0.6\n  test_fraction: 0.5\n",
+        "monitor.yaml": "tracker:\n  monitor: val/speed\n",
+    }
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    (folder / "empty").mkdir()
 
 
-def test_bad_input_gives_one_line_exit_2_and_no_run(tmp_path, capsys, store):
-    for argv, expected in _bad_inputs(tmp_path):
-        code, out, err = run_main([*argv, "--tracking-uri", store, "--experiment", "tests"], capsys)
-        assert code == 2, argv
-        assert expected in err, (argv, err)
-        assert len(err.strip().splitlines()) == 1, (argv, err)
-        assert "Traceback" not in err + out
+NO_GPU = not torch.cuda.is_available()
+# (argv with {tmp} for the test's folder, what the one-line message must say). Each is refused
+# before any MLflow run starts.
+BAD_INPUTS = [
+    (["--accelerator", "gpu"] if NO_GPU else ["--accelerator", "gpu", "--devices", "64"],
+     "--accelerator cpu" if NO_GPU else "GPU(s) visible"),
+    (["--dataset", "imagenet"], "invalid choice"),
+    (["--model", "vit"], "invalid choice"),
+    (["--optimizer", "lion"], "invalid choice"),
+    (["--strategy", "fsdp"], "invalid choice"),
+    (["--lr", "0"], "optim.lr (--lr) must be a positive number"),
+    (["--lr=-0.1"], "must be a positive number"),
+    (["--lr", "nan"], "must be a positive number"),
+    (["--lr", "1e400"], "must be a positive number"),
+    (["--batch-size", "0"], "data.batch_size (--batch-size) must be a positive number"),
+    (["--batch-size", "many"], "invalid int value"),
+    (["--seed", "4.5"], "invalid int value"),
+    (["--max-epochs", "0"], "trainer.max_epochs (--max-epochs) must be a positive number"),
+    (["--num-workers", "-1"], "data.num_workers (--num-workers) must be 0 or more"),
+    (["--num-nodes", "0"], "trainer.num_nodes (--num-nodes) must be a positive number"),
+    (["--checkpoint-every", "0"], "must be a positive number"),
+    (["--keep-checkpoints", "0"], "must be a positive number"),
+    (["--dataset", "imagefolder", "--data-dir", "{tmp}/nope"], "does not exist"),
+    (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "pass --download"),
+    (["--tag", "novalue"], "--tag expects KEY=VALUE"),
+    (["--tag", "=x"], "--tag expects KEY=VALUE"),
+    (["--tag", "../../etc/passwd=x"], "no '..' part"),
+    (["--tag", "bad\nkey=x"], "tag key"),
+    (["--run-name", "../outside"], "--run-name"),
+    (["--run-name", "a/b"], "--run-name"),
+    (["--register", "../model"], "--register"),
+    (["--config", "{tmp}/missing.yaml"], "config file not found"),
+    (["--config", "{tmp}/syntax.yaml"], "YAML syntax error"),
+    (["--config", "{tmp}/unknown.yaml"], "unknown config key 'optim.learning_rate'"),
+    (["--config", "{tmp}/nan.yaml"], "optim.lr (--lr) must be a positive number"),
+    (["--config", "{tmp}/bool.yaml"], "'trainer.max_epochs' must be int"),
+    (["--config", "{tmp}/section.yaml"], "'data' must be a section"),
+    (["--config", "{tmp}/list.yaml"], "expected a mapping"),
+    (["--config", "{tmp}/dropout.yaml"], "model.dropout must be in [0, 1)"),
+    (["--config", "{tmp}/fractions.yaml"], "must leave a training split"),
+    (["--config", "{tmp}/monitor.yaml"], "tracker.monitor 'val/speed' is not one of"),
+    (["--precision", "16-mixed", "--accelerator", "cpu"], "use bf16-mixed or 32"),
+    (["--precision", "64"], "invalid choice"),
+    (["--devices", "0,1", "--accelerator", "cpu"], "on CPU give a count"),
+    (["--devices", "two"], "is not valid"),
+    (["--resume-epoch", "3"], "--resume-epoch and --fork need --resume RUN"),
+    (["--resume", "0123456789abcdef0123456789abcdef", "--config", "{tmp}/nan.yaml"],
+     "--config cannot be combined with --resume"),
+    (["--tracking-uri", "ftp://example.invalid/store"], "is not usable"),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bad_input_lab(tmp_path_factory) -> tuple[Path, str]:
+    """One folder of bad config files and one store, shared: no case may add a run to it."""
+    folder = tmp_path_factory.mktemp("bad-input")
+    write_bad_configs(folder)
+    return folder, make_store(folder)
+
+
+@pytest.mark.parametrize(("argv", "expected"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gives_one_line_exit_2_and_no_run(bad_input_lab, capsys, argv, expected):
+    folder, store = bad_input_lab
+    argv = [arg.replace("{tmp}", str(folder)) for arg in argv]
+    if "--tracking-uri" not in argv:
+        argv += ["--tracking-uri", store]
+    code, out, err = run_main([*argv, "--experiment", "tests"], capsys)
+    assert code == 2
+    assert expected in err
+    assert err.startswith("dlharness-") and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err + out
     assert run_statuses(store) == []
 
 

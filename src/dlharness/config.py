@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -37,6 +38,8 @@ MONITORABLE = tuple(
 )
 MODES = ("min", "max")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_KEY = re.compile(r"[\w\-. /]+")
+REGISTERED_NAME = re.compile(r"[A-Za-z0-9][\w\-.]*")
 
 
 @dataclass
@@ -298,6 +301,29 @@ def validate(cfg: TrainConfig) -> None:
     for key in cfg.tracking.tags:
         if not key.strip():
             raise UsageError("tag keys must not be empty (use --tag key=value)")
+        _check_tag_key(key)
+    name = cfg.tracking.run_name
+    if name is not None and ("/" in name or "\\" in name or ".." in name or not name.isprintable()):
+        raise UsageError(
+            f"tracking.run_name {name!r}: a run name may not contain '/', '\\', '..' "
+            "or control characters"
+        )
+    model = cfg.tracking.register_model
+    if model is not None and not REGISTERED_NAME.fullmatch(model):
+        raise UsageError(
+            f"tracking.register_model {model!r}: use letters, digits, '_', '-' and '.', "
+            "starting with a letter or digit"
+        )
+
+
+def _check_tag_key(key: str) -> None:
+    # MLflow's own rule for tag names, plus no '..' part: keys end up in paths of file stores.
+    parts = re.split(r"[/\\]", key)
+    if not TAG_KEY.fullmatch(key) or ".." in parts or key.startswith("/"):
+        raise UsageError(
+            f"tag key {key!r}: use letters, digits, '_', '-', '.', ' ' and '/', "
+            "with no '..' part and no leading '/'"
+        )
 
 
 def parse_devices(devices: int | str) -> int | str | list[int]:
