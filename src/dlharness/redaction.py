@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "***"
@@ -25,8 +27,23 @@ def redact_uri(uri: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def redact(values: dict[str, str]) -> dict[str, str]:
+def redact(values: Mapping[str, str]) -> dict[str, str]:
     """Values of secret-looking keys replaced, and passwords cut out of URIs in the others."""
     return {
         key: REDACTED if is_secret_name(key) else redact_uri(value) for key, value in values.items()
     }
+
+
+def redact_tree(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """`redact` through nested mappings, such as a whole config."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if is_secret_name(str(key)):
+            out[key] = REDACTED
+        elif isinstance(value, Mapping):
+            out[key] = redact_tree(value)
+        elif isinstance(value, str):
+            out[key] = redact_uri(value)
+        else:
+            out[key] = value
+    return out

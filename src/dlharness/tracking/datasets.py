@@ -17,6 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
+from dlharness.redaction import redact_uri
 from dlharness.tracking.charts import image_grid
 
 SAMPLE_GRID_SIZE = 16
@@ -25,7 +26,7 @@ SAMPLE_GRID_SIZE = 16
 def _source(datamodule: ClassificationDataModule) -> DatasetSource:
     location = datamodule.source
     if not Path(location).exists():
-        return CodeDatasetSource(tags={"loader": location})
+        return CodeDatasetSource(tags={"loader": redact_uri(location)})
     with warnings.catch_warnings():
         # A local path matches MLflow's "local" source under two registered names.
         warnings.simplefilter("ignore", UserWarning)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+# Devices, threads, distributed launch, cluster job and MLflow client settings.
+RECORDED_VARIABLES = re.compile(
+    r"(CUDA|NCCL|SLURM|MLFLOW|OMP|MKL|TORCH|PL)_\w+|WORLD_SIZE|MASTER_ADDR|MASTER_PORT"
+    r"|NODE_RANK|LOCAL_RANK|RANK"
+)
 # Bytes per GiB; `gpu.memory_gb` is reported in GiB, as nvidia-smi and torch do.
 GIB = 1024**3
 
@@ -34,6 +40,9 @@ class Environment:
     versions: dict[str, str] = field(default_factory=dict)
     host_cpu: str = ""
     host_cores: int = 0
+    # Launch variables that change how training runs, by name (secret ones are redacted
+    # when logged).
+    variables: dict[str, str] = field(default_factory=dict)
 
 
 def _version(package: str) -> str:
@@ -96,6 +105,11 @@ def collect_environment(accelerator: str, devices: int, precision: str) -> Envir
         },
         host_cpu=_cpu_model(),
         host_cores=os.cpu_count() or 0,
+        variables={
+            name: value
+            for name, value in sorted(os.environ.items())
+            if RECORDED_VARIABLES.fullmatch(name)
+        },
     )
 
 
@@ -109,6 +123,7 @@ def environment_tags(env: Environment) -> dict[str, str]:
         **{f"{name}.version": version for name, version in env.versions.items()},
         "host.cpu": env.host_cpu,
         "host.cores": str(env.host_cores),
+        **{f"env.var.{name}": value for name, value in env.variables.items()},
     }
     if env.gpus:
         first = env.gpus[0]

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import mlflow
 import requests
+import yaml
 from filelock import FileLock
 from mlflow.entities import Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
@@ -18,6 +19,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from dlharness.config import TrainConfig, flatten
 from dlharness.errors import UsageError
 from dlharness.interruption import TrainingInterrupted
+from dlharness.redaction import redact, redact_tree
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
@@ -100,7 +102,7 @@ def tracked_run(
     MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
     exits through `sys.exit` in between; closing the run here keeps the store truthful.
     """
-    tags = {**cfg.tracking.tags, **(extra_tags or {})}
+    tags = redact({**cfg.tracking.tags, **(extra_tags or {})})
     if "description" in tags:
         # The UI shows this tag as the run's description.
         tags[MLFLOW_RUN_NOTE] = tags["description"]
@@ -123,22 +125,25 @@ def tracked_run(
 
 def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
     """Several tags in one call (MlflowClient has `set_tag` for one at a time)."""
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    safe = redact({key: str(value) for key, value in tags.items()})
+    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in safe.items()])
 
 
 def log_config(cfg: TrainConfig, logged: Mapping[str, str] | None = None) -> None:
-    """The resolved config, whole: flattened into params and as `config.yaml`.
+    """The resolved config, whole: flattened into params and as `config.yaml`, with the values
+    of secret-looking keys and the passwords in URIs redacted.
 
     MLflow params cannot change, so on a reopened run (`logged` = its params) a value that
     differs now, such as a longer `trainer.max_epochs`, goes to a `dlharness.resumed_with.*`
     tag; `config.yaml` is replaced by the config in use.
     """
     logged = logged or {}
-    params = {k: "" if v is None else str(v) for k, v in flatten(cfg.to_dict()).items()}
+    config = redact_tree(cfg.to_dict())
+    params = {k: "" if v is None else str(v) for k, v in flatten(config).items()}
     new = {k: v for k, v in params.items() if k not in logged}
     if new:
         mlflow.log_params(new)
     changed = {f"dlharness.resumed_with.{k}": v for k, v in params.items() if logged.get(k, v) != v}
     if changed:
         mlflow.set_tags(changed)
-    mlflow.log_text(cfg.to_yaml(), "config.yaml")
+    mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
