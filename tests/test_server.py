@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import requests
 import torch
@@ -48,6 +49,7 @@ class Server:
     log: Path
     # The SQLite file behind the server; None for PostgreSQL.
     db_path: Path | None
+    pid: int
 
 
 def fresh_postgres_database() -> str:
@@ -72,8 +74,8 @@ def server(request, tmp_path_factory):
     backend = f"sqlite:///{db_path}" if db_path else fresh_postgres_database()
     artifacts = folder / "artifacts"
     log = folder / "server.log"
-    with running_server(backend, artifacts, log_path=log) as (url, _):
-        yield Server(url, artifacts, log, db_path)
+    with running_server(backend, artifacts, log_path=log) as (url, process):
+        yield Server(url, artifacts, log, db_path, process.pid)
 
 
 def train_cli(*argv: str) -> str:
@@ -167,8 +169,20 @@ def test_training_resume_and_compare_through_the_server_match_a_local_store(
     assert tables[0] == tables[1]
 
 
-def test_server_refuses_a_foreign_host_header(server):
-    """DNS rebinding guard: a page on another site cannot talk to a loopback server."""
+def listening_addresses(pid: int) -> set[str]:
+    parent = psutil.Process(pid)
+    addresses = set()
+    for process in [parent, *parent.children(recursive=True)]:
+        for connection in process.net_connections(kind="inet"):
+            if connection.status == psutil.CONN_LISTEN:
+                addresses.add(connection.laddr.ip)
+    return addresses
+
+
+def test_server_listens_on_loopback_only_and_refuses_a_foreign_host_header(server):
+    """Bound to 127.0.0.1; and the DNS-rebinding guard: a page on another site that resolves
+    its name to 127.0.0.1 still cannot talk to the server."""
+    assert listening_addresses(server.pid) == {"127.0.0.1"}
     search = f"{server.url}/api/2.0/mlflow/experiments/search?max_results=1"
     assert requests.get(search, timeout=10).status_code == 200
     refused = requests.get(search, headers={"Host": "attacker.example"}, timeout=10)
