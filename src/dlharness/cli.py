@@ -25,6 +25,7 @@ from dlharness.config import (
 )
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.interruption import TrainingInterrupted
+from dlharness.tracking.worker import StorageError
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
 FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
@@ -214,6 +215,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"dlharness-train: {exc}. {resume_hint(exc)}", file=sys.stderr)
         return exc.exit_code
+    except StorageError as exc:
+        print(
+            f"dlharness-train: error: {exc}; training stopped and run {exc.run_id} ended FAILED "
+            "(free space or fix the artifact store; its stored checkpoints still resume)",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("dlharness-train: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT

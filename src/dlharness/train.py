@@ -43,7 +43,7 @@ from dlharness.tracking.run import (
     set_run_tags,
     tracked_run,
 )
-from dlharness.tracking.worker import TrackingWorker
+from dlharness.tracking.worker import StorageError, TrackingWorker, as_storage_error
 
 # Autolog logs epoch metrics when (epoch + 1) % log_every_n_epoch == 0: with this period it
 # never does, and keeps logging what else it knows (optimizer params, model summary).
@@ -330,6 +330,9 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         except TrainingInterrupted as exc:
             exc.run_id, exc.tracking_uri = run_id, uri
             raise
+        except StorageError as exc:
+            exc.run_id = run_id
+            raise
 
 
 def _tracked_training(
@@ -355,6 +358,8 @@ def _tracked_training(
         if stop is not None:
             stop.deferring = False
         worker.close()
+    # The last epoch's uploads ran after training: they may have met a full disk too.
+    worker.check()
     checkpoints = callbacks[1]
     timings = {
         "fit": time.perf_counter() - started,
@@ -362,4 +367,10 @@ def _tracked_training(
         **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
     }
     device = TORCH_DEVICES[accelerator]
-    return finish(cfg, module, datamodule, checkpoints, run, device, timings)
+    try:
+        return finish(cfg, module, datamodule, checkpoints, run, device, timings)
+    except OSError as exc:
+        failure = as_storage_error("logging the evaluation and the model", exc)
+        if failure is None:
+            raise
+        raise failure from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -131,6 +132,8 @@ class MlflowCheckpoint(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        # A full or read-only artifact store: stop now rather than train for nothing.
+        self.worker.check()
         if self.stop is None or self.stop.requested is None:
             return
         done = batch_idx + 1
@@ -215,10 +218,16 @@ class MlflowCheckpoint(L.Callback):
     ) -> None:
         repository = self._repository()
         record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
-        repository.log_artifact(str(path), epoch_dir(epoch))
         path.with_name(METRICS_FILE).write_text(json.dumps(record))
-        # The record goes last: a checkpoint without it is incomplete and never resumed from.
-        repository.log_artifact(str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
+        try:
+            repository.log_artifact(str(path), epoch_dir(epoch))
+            # The record goes last: a checkpoint without it is incomplete and never resumed from.
+            repository.log_artifact(str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
+        except OSError:
+            # A half-copied file on a full disk: take it away (best effort) and say why.
+            with contextlib.suppress(Exception):
+                repository.delete_artifacts(epoch_dir(epoch))
+            raise
         tags = {LATEST_CHECKPOINT_TAG: f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"}
         if best is not None:
             tags[BEST_EPOCH_TAG] = str(best)

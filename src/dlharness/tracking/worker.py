@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 import warnings
@@ -9,9 +10,27 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+# Write errors that waiting cannot fix: the artifact store's disk is full, over quota,
+# read-only or refuses this user.
+STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
 
 class TrackingWarning(UserWarning):
     """A tracking step failed; training went on without it."""
+
+
+class StorageError(Exception):
+    """The artifact store refuses writes, so nothing more can be kept: training must stop."""
+
+    run_id: str | None = None
+
+
+def as_storage_error(what: str, exc: OSError) -> StorageError | None:
+    """`exc` as a StorageError when it is one of STORAGE_ERRNOS, else None."""
+    if exc.errno not in STORAGE_ERRNOS:
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    return StorageError(f"{what} failed: {exc.strerror}{where}")
 
 
 class TrackingWorker:
@@ -24,6 +43,10 @@ class TrackingWorker:
     Jobs must not run torch operations: the first one on this thread starts a second OpenMP
     thread team that keeps competing with training for the cores (measured here: digits
     epochs went from 0.5 s to 1.0 s). Hand jobs numpy arrays and files instead.
+
+    A job that meets a full, read-only or forbidden artifact store is different: more
+    training would only produce more that cannot be kept. The first such failure is kept as
+    `storage_error`, and `check` raises it on the training thread.
     """
 
     def __init__(self) -> None:
@@ -33,6 +56,12 @@ class TrackingWorker:
         self._lock = threading.Lock()
         # Seconds spent per kind of job, for the benchmark's breakdown of tracking cost.
         self.seconds: dict[str, float] = {}
+        self.storage_error: StorageError | None = None
+
+    def check(self) -> None:
+        """Raise the storage failure a job met, if any (call it from the training thread)."""
+        if self.storage_error is not None:
+            raise self.storage_error
 
     def submit(self, what: str, job: Callable[..., Any], *args: Any) -> Future:
         future = self._executor.submit(self._guarded, what, job, *args)
@@ -59,6 +88,14 @@ class TrackingWorker:
         start = time.perf_counter()
         try:
             return job(*args)
+        except OSError as exc:
+            failure = as_storage_error(what, exc)
+            if failure is None:
+                self.report(what, exc)
+                return None
+            with self._lock:
+                self.storage_error = self.storage_error or failure
+            return None
         except Exception as exc:
             self.report(what, exc)
             return None
