@@ -227,6 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     if result is None:  # a DDP rank other than 0: rank 0 reports
         return 0
+    if result.spooled is not None:
+        print(
+            f"dlharness-train: the tracking server stopped answering; what it missed is in "
+            f"{result.spooled}: once it is back, run: dlharness-sync {result.spooled}",
+            file=sys.stderr,
+        )
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))
     print(f"run {result.run_id} finished: {metrics}")
     if result.tracking_uri.startswith(("http://", "https://")):

@@ -101,6 +101,9 @@ class TrackingConfig:
     system_metrics: bool = True
     # Registered-model name for the best model; its new version gets the alias "candidate".
     register_model: str | None = None
+    # Where writes go while the tracking server does not answer, one folder per run; replay
+    # them with `dlharness-sync FOLDER/RUN_ID`.
+    spool_dir: str = "mlflow-spool"
 
 
 @dataclass

@@ -18,6 +18,7 @@ import mlflow
 import torch
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import ModelSummary
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
@@ -33,9 +34,20 @@ from dlharness.errors import UsageError
 from dlharness.interruption import StopSignals, TrainingInterrupted
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net, net_spec
-from dlharness.resume import ResumePoint, check_same_data, load_stored_checkpoint
+from dlharness.resume import (
+    ResumePoint,
+    check_same_data,
+    load_checkpoint_safely,
+    load_stored_checkpoint,
+)
+from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir
 from dlharness.tracking.evaluation import evaluate, log_evaluation
-from dlharness.tracking.model_logging import log_network, log_onnx, register_candidate
+from dlharness.tracking.model_logging import (
+    log_network,
+    log_onnx,
+    register_candidate,
+    save_for_replay,
+)
 from dlharness.tracking.run import (
     check_tracking_uri,
     log_config,
@@ -43,6 +55,7 @@ from dlharness.tracking.run import (
     set_run_tags,
     tracked_run,
 )
+from dlharness.tracking.spool import SpoolingClient, is_unreachable, set_http_defaults
 from dlharness.tracking.worker import StorageError, TrackingWorker, as_storage_error
 
 # Autolog logs epoch metrics when (epoch + 1) % log_every_n_epoch == 0: with this period it
@@ -58,7 +71,8 @@ class TrainResult:
     tracking_uri: str
     test_metrics: dict[str, float]
     evaluated_epoch: int
-    model_uri: str
+    # None when the tracking server was down at the end: `dlharness-sync` logs the models.
+    model_uri: str | None
     onnx_model_uri: str | None
     registered_version: str | None
     module: ClassifierModule
@@ -66,6 +80,8 @@ class TrainResult:
     # "checkpoint_save" (on the training thread), "worker/<job>" (on the tracking thread),
     # and the end-of-run "evaluation", "model", "onnx", "registry".
     timings: dict[str, float]
+    # Where this run's writes wait while the tracking server did not answer; None if it did.
+    spooled: Path | None = None
 
 
 def resolve_accelerator(requested: str) -> str:
@@ -143,6 +159,7 @@ def finish(
     run: Run,
     device: str,
     timings: dict[str, float],
+    client: SpoolingClient,
 ) -> TrainResult:
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
     run_id = run.info.run_id
@@ -150,16 +167,51 @@ def finish(
     epoch = checkpoints.best_epoch
     if epoch is None:
         epoch = checkpoints.stored_epochs[-1]
-    client = MlflowClient()
-    with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
-        _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch))
+    local = checkpoints.best_local_copy
+    if local is not None:
+        state = load_checkpoint_safely(local, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+    else:  # stored by an earlier process of this run
+        with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
+            _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch))
     module.load_state_dict(state["state_dict"])
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
     log_evaluation(client, run_id, evaluation, class_names, epoch)
-    set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)})
+    set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)}, client)
     timings["evaluation"] = time.perf_counter() - started
     example_batch, _ = next(iter(datamodule.test_dataloader()))
+    model_uri = onnx_uri = registered = None
+    if not client.offline:
+        try:
+            model_uri, onnx_uri, registered = _log_models(cfg, module, example_batch, timings)
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+    if model_uri is None:
+        # The tracking server is down: the models are logged by `dlharness-sync` later.
+        with tempfile.TemporaryDirectory(prefix="dlharness-model-") as scratch:
+            folder, example = save_for_replay(
+                module.net, module.hparams.net_spec, example_batch, Path(scratch) / "model"
+            )
+            client.spool_final_model(folder, example, cfg.tracker.onnx, cfg.tracking.register_model)
+    return TrainResult(
+        run_id=run_id,
+        experiment_id=run.info.experiment_id,
+        tracking_uri=cfg.tracking.tracking_uri,
+        test_metrics=evaluation.metrics,
+        evaluated_epoch=epoch,
+        model_uri=model_uri,
+        onnx_model_uri=onnx_uri,
+        registered_version=registered,
+        module=module,
+        timings=timings,
+        spooled=client.spool.folder if client.offline else None,
+    )
+
+
+def _log_models(
+    cfg: TrainConfig, module: ClassifierModule, example_batch: torch.Tensor, timings: dict
+) -> tuple[str, str | None, str | None]:
     started = time.perf_counter()
     model_info = log_network(module.net, example_batch)
     timings["model"] = time.perf_counter() - started
@@ -171,18 +223,7 @@ def finish(
     if cfg.tracking.register_model:
         registered = register_candidate(model_info.model_uri, cfg.tracking.register_model)
     timings["registry"] = time.perf_counter() - started
-    return TrainResult(
-        run_id=run_id,
-        experiment_id=run.info.experiment_id,
-        tracking_uri=cfg.tracking.tracking_uri,
-        test_metrics=evaluation.metrics,
-        evaluated_epoch=epoch,
-        model_uri=model_info.model_uri,
-        onnx_model_uri=onnx_info.model_uri if onnx_info else None,
-        registered_version=registered,
-        module=module,
-        timings=timings,
-    )
+    return model_info.model_uri, onnx_info.model_uri if onnx_info else None, registered
 
 
 def process_count(cfg: TrainConfig, accelerator: str) -> int:
@@ -207,8 +248,10 @@ def build_callbacks(
     accelerator: str,
     datamodule: ClassificationDataModule,
     stop: StopSignals | None = None,
+    client: MlflowClient | None = None,
 ) -> tuple[EpochTracker, MlflowCheckpoint, RunContextLogger]:
-    tracker = EpochTracker(worker, run_id, datamodule.info.class_names, plots=cfg.tracker.plots)
+    names = datamodule.info.class_names
+    tracker = EpochTracker(worker, run_id, names, plots=cfg.tracker.plots, client=client)
     checkpoints = MlflowCheckpoint(
         worker,
         run_id,
@@ -217,8 +260,10 @@ def build_callbacks(
         monitor=cfg.tracker.monitor,
         mode=cfg.tracker.mode,
         stop=stop,
+        client=client,
     )
-    context = RunContextLogger(worker, run_id, accelerator, Path(dlharness.__file__).parent)
+    source = Path(dlharness.__file__).parent
+    context = RunContextLogger(worker, run_id, accelerator, source, client=client)
     return tracker, checkpoints, context
 
 
@@ -286,6 +331,7 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
     accelerator = check_hardware(cfg)
+    set_http_defaults(uri)
     check_tracking_uri(uri)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     # Missing or unreadable data fails here, before an MLflow run exists.
@@ -347,9 +393,31 @@ def _tracked_training(
     reopen = resume is not None and not resume.fork
     log_config(cfg, run.data.params if reopen else None)
     mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
+    run_id = run.info.run_id
+    client = SpoolingClient(cfg.tracking.tracking_uri, cfg.tracking.spool_dir, run_id)
     worker = TrackingWorker()
+    callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule, stop, client)
+    checkpoints = callbacks[1]
     try:
-        callbacks = build_callbacks(cfg, worker, run.info.run_id, accelerator, datamodule, stop)
+        return _fit_and_finish(cfg, accelerator, module, datamodule, resume, run, stop, client,
+                               worker, callbacks)  # fmt: skip
+    finally:
+        checkpoints.close()
+
+
+def _fit_and_finish(
+    cfg: TrainConfig,
+    accelerator: str,
+    module: ClassifierModule,
+    datamodule: ClassificationDataModule,
+    resume: ResumePoint | None,
+    run: Run,
+    stop: StopSignals | None,
+    client: SpoolingClient,
+    worker: TrackingWorker,
+    callbacks: tuple[EpochTracker, MlflowCheckpoint, RunContextLogger],
+) -> TrainResult:
+    try:
         started = time.perf_counter()
         if stop is not None:
             stop.deferring = True
@@ -360,6 +428,14 @@ def _tracked_training(
         worker.close()
     # The last epoch's uploads ran after training: they may have met a full disk too.
     worker.check()
+    reopen = resume is not None and not resume.fork
+    if client.offline and cfg.tracking.autolog and not reopen:
+        # Autolog's own end-of-fit write (the model summary) failed with the server down;
+        # the same text goes to the spool so that the replayed run lacks nothing.
+        with tempfile.TemporaryDirectory(prefix="dlharness-summary-") as scratch:
+            summary = Path(scratch) / "model_summary.txt"
+            summary.write_text(str(ModelSummary(module, max_depth=-1)))
+            client.log_artifact(run.info.run_id, str(summary))
     checkpoints = callbacks[1]
     timings = {
         "fit": time.perf_counter() - started,
@@ -368,7 +444,7 @@ def _tracked_training(
     }
     device = TORCH_DEVICES[accelerator]
     try:
-        return finish(cfg, module, datamodule, checkpoints, run, device, timings)
+        return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
     except OSError as exc:
         failure = as_storage_error("logging the evaluation and the model", exc)
         if failure is None:

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from mlflow.store.artifact.artifact_repo import ArtifactRepository
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
@@ -30,6 +29,7 @@ from dlharness.tracking.checkpoints import (
 )
 from dlharness.tracking.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.run import set_run_tags
+from dlharness.tracking.spool import SpoolingClient
 from dlharness.tracking.worker import TrackingWorker
 
 
@@ -55,6 +55,8 @@ class MlflowCheckpoint(L.Callback):
         stop: SIGINT/SIGTERM requests to honour: at the next batch boundary the state is
             stored (``complete: false`` in the record when mid-epoch) and training ends with
             `TrainingInterrupted`. None for DDP, where Lightning stops all ranks together.
+        client: The client to write with (a `SpoolingClient` keeps writes through an outage);
+            by default MLflow's for the current tracking URI.
     """
 
     def __init__(
@@ -66,6 +68,7 @@ class MlflowCheckpoint(L.Callback):
         monitor: str = "val/loss",
         mode: str = "min",
         stop: StopSignals | None = None,
+        client: MlflowClient | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -80,6 +83,7 @@ class MlflowCheckpoint(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.stop = stop
+        self.client = client or MlflowClient()
         self.best_epoch: int | None = None
         self.best_value: float | None = None
         self.stored_epochs: list[int] = []
@@ -87,7 +91,9 @@ class MlflowCheckpoint(L.Callback):
         self._scratch: Path | None = None
         # Seconds the training thread spent writing checkpoints (the upload is the worker's).
         self.save_seconds = 0.0
-        self._artifacts: ArtifactRepository | None = None
+        self._best_copy: Path | None = None
+        self.best_copy_epoch: int | None = None
+        self._artifacts: Any = None
 
     @property
     @override
@@ -193,7 +199,7 @@ class MlflowCheckpoint(L.Callback):
         raise TrainingInterrupted(self.stop.requested, where)
 
     def _present(self) -> set[int]:
-        return set(stored_epochs(MlflowClient(), self.run_id))
+        return set(stored_epochs(self.client, self.run_id))
 
     def _update_best(self, epoch: int, metrics: dict[str, float]) -> None:
         value = metrics.get(self.monitor)
@@ -216,32 +222,53 @@ class MlflowCheckpoint(L.Callback):
     def _store(
         self, epoch: int, path: Path, record: dict[str, Any], best: int | None, doomed: list[int]
     ) -> None:
-        repository = self._repository()
+        client = self.client
         record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
         path.with_name(METRICS_FILE).write_text(json.dumps(record))
         try:
-            repository.log_artifact(str(path), epoch_dir(epoch))
+            client.log_artifact(self.run_id, str(path), epoch_dir(epoch))
             # The record goes last: a checkpoint without it is incomplete and never resumed from.
-            repository.log_artifact(str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
+            client.log_artifact(self.run_id, str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
         except OSError:
             # A half-copied file on a full disk: take it away (best effort) and say why.
             with contextlib.suppress(Exception):
-                repository.delete_artifacts(epoch_dir(epoch))
+                self._delete(epoch)
             raise
         tags = {LATEST_CHECKPOINT_TAG: f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"}
         if best is not None:
             tags[BEST_EPOCH_TAG] = str(best)
-        set_run_tags(self.run_id, tags)
+        set_run_tags(self.run_id, tags, client)
+        if epoch == best:
+            # Kept for the end-of-run evaluation, which then needs no download.
+            if self._best_copy is None:
+                self._best_copy = Path(tempfile.mkdtemp(prefix="dlharness-best-")) / CHECKPOINT_FILE
+            os.replace(path, self._best_copy)
+            self.best_copy_epoch = epoch
         shutil.rmtree(path.parent, ignore_errors=True)
         for old in doomed:
-            repository.delete_artifacts(epoch_dir(old))
+            self._delete(old)
 
-    def _repository(self) -> ArtifactRepository:
-        """The run's artifact store, looked up once (each lookup is a store query)."""
-        if self._artifacts is None:
-            uri = MlflowClient().get_run(self.run_id).info.artifact_uri
+    def _delete(self, epoch: int) -> None:
+        if isinstance(self.client, SpoolingClient):
+            self.client.delete_artifacts(self.run_id, epoch_dir(epoch))
+            return
+        if self._artifacts is None:  # looked up once: each lookup is a store query
+            uri = self.client.get_run(self.run_id).info.artifact_uri
             self._artifacts = get_artifact_repository(uri)
-        return self._artifacts
+        self._artifacts.delete_artifacts(epoch_dir(epoch))
+
+    @property
+    def best_local_copy(self) -> Path | None:
+        """The best checkpoint's file, when this process stored it (else None)."""
+        if self.best_copy_epoch is not None and self.best_copy_epoch == self.best_epoch:
+            return self._best_copy
+        return None
+
+    def close(self) -> None:
+        """Remove the local copy of the best checkpoint (after the end-of-run evaluation)."""
+        if self._best_copy is not None:
+            shutil.rmtree(self._best_copy.parent, ignore_errors=True)
+            self._best_copy = self.best_copy_epoch = None
 
     @override
     def state_dict(self) -> dict[str, Any]:

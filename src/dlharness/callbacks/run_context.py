@@ -35,10 +35,17 @@ class RunContextLogger(L.Callback):
         run_id: The MLflow run to log into.
         accelerator: The resolved accelerator (`cpu`, `gpu`, `mps`).
         source_dir: A folder inside the source checkout whose git state is recorded.
+        client: The client to write with (a `SpoolingClient` keeps writes through an outage);
+            by default MLflow's for the current tracking URI.
     """
 
     def __init__(
-        self, worker: TrackingWorker, run_id: str, accelerator: str, source_dir: Path
+        self,
+        worker: TrackingWorker,
+        run_id: str,
+        accelerator: str,
+        source_dir: Path,
+        client: MlflowClient | None = None,
     ) -> None:
         if accelerator not in ("cpu", "gpu", "mps"):
             raise ValueError(f"accelerator must be cpu, gpu or mps, got {accelerator!r}")
@@ -46,6 +53,7 @@ class RunContextLogger(L.Callback):
         self.run_id = run_id
         self.accelerator = accelerator
         self.source_dir = source_dir
+        self.client = client or MlflowClient()
 
     @override
     @rank_zero_only
@@ -60,11 +68,11 @@ class RunContextLogger(L.Callback):
             "model.class": type(net).__name__,
             "model.parameters": str(sum(p.numel() for p in net.parameters())),
         }
-        self.worker.submit("model tags", set_run_tags, self.run_id, model_tags)
+        self.worker.submit("model tags", set_run_tags, self.run_id, model_tags, self.client)
         datamodule = trainer.datamodule
         if isinstance(datamodule, ClassificationDataModule):
             self.worker.submit(
-                "dataset records", log_datasets, MlflowClient(), self.run_id, datamodule
+                "dataset records", log_datasets, self.client, self.run_id, datamodule
             )
             # Gathered here: torch work on the tracking thread would slow training down.
             images, captions = training_samples(datamodule)
@@ -72,7 +80,7 @@ class RunContextLogger(L.Callback):
             self.worker.submit(
                 "training sample grid",
                 log_sample_grid,
-                MlflowClient(),
+                self.client,
                 self.run_id,
                 images,
                 captions,
@@ -81,10 +89,10 @@ class RunContextLogger(L.Callback):
 
     def _log_environment(self, devices: int, precision: str) -> None:
         env = collect_environment(self.accelerator, devices, precision)
-        set_run_tags(self.run_id, environment_tags(env))
+        set_run_tags(self.run_id, environment_tags(env), self.client)
 
     def _log_source(self) -> None:
-        client = MlflowClient()
+        client = self.client
         client.log_text(self.run_id, installed_requirements(), "requirements.txt")
         state = git_state(self.source_dir)
         if state is None:
@@ -94,4 +102,4 @@ class RunContextLogger(L.Callback):
         # or test runner entry point leaves it unset.
         if MLFLOW_GIT_COMMIT not in client.get_run(self.run_id).data.tags:
             tags[MLFLOW_GIT_COMMIT] = state.commit
-        set_run_tags(self.run_id, tags)
+        set_run_tags(self.run_id, tags, self.client)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import warnings
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import onnx
 import torch
 from mlflow.models import infer_signature
@@ -113,3 +115,43 @@ def register_candidate(model_uri: str, name: str) -> str:
     version_ = mlflow.register_model(model_uri, name)
     MlflowClient().set_registered_model_alias(name, CANDIDATE_ALIAS, version_.version)
     return str(version_.version)
+
+
+def save_for_replay(net: nn.Module, net_spec: dict, example_batch: torch.Tensor, folder: Path):
+    """What `replay_final_model` needs, as plain weights and JSON (no pickled objects)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(_cpu_copy(net).state_dict(), folder / "weights.pt")
+    (folder / "net_spec.json").write_text(json.dumps(net_spec))
+    example = folder.parent / "example.npy"
+    np.save(example, example_batch[:4].detach().to("cpu", torch.float32).numpy())
+    return folder, example
+
+
+def log_final_model(
+    net: nn.Module, example_batch: torch.Tensor, onnx_too: bool, register: str | None
+) -> tuple[ModelInfo, ModelInfo | None, str | None]:
+    """The run's models, logged into the active run: pytorch, ONNX, and the registry."""
+    model_info = log_network(net, example_batch)
+    onnx_info = log_onnx(net, example_batch) if onnx_too else None
+    version_ = register_candidate(model_info.model_uri, register) if register else None
+    return model_info, onnx_info, version_
+
+
+def replay_final_model(
+    tracking_uri: str,
+    run_id: str,
+    folder: Path,
+    example_path: Path,
+    onnx_too: bool,
+    register: str | None,
+) -> None:
+    """Log the models that a tracking outage kept from being logged, into their run."""
+    from dlharness.models.nets import build_net
+
+    net = build_net(json.loads((folder / "net_spec.json").read_text()))
+    net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    example = torch.from_numpy(np.load(example_path))
+    mlflow.set_tracking_uri(tracking_uri)
+    # Reopening the run marks it RUNNING; the journal's last entry sets its real end.
+    with mlflow.start_run(run_id=run_id):
+        log_final_model(net, example, onnx_too, register)

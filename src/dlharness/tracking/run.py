@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -20,6 +21,7 @@ from dlharness.config import TrainConfig, flatten
 from dlharness.errors import UsageError
 from dlharness.interruption import TrainingInterrupted
 from dlharness.redaction import redact, redact_tree
+from dlharness.tracking.spool import Spool, is_unreachable
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
@@ -112,21 +114,41 @@ def tracked_run(
         tags=tags or None,
         log_system_metrics=cfg.tracking.system_metrics,
     )
+    spool = Spool.for_run(cfg.tracking.spool_dir, run.info.run_id, mlflow.get_tracking_uri())
     try:
         yield run
     except (KeyboardInterrupt, TrainingInterrupted):
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+        _end_run(spool, RunStatus.KILLED)
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        _end_run(spool, RunStatus.FAILED)
         raise
-    mlflow.end_run(RunStatus.to_string(RunStatus.FINISHED))
+    _end_run(spool, RunStatus.FINISHED)
 
 
-def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+def _end_run(spool: Spool, status: int) -> None:
+    """End the active run; once its writes are spooled, its end is spooled after them."""
+    name = RunStatus.to_string(status)
+    end_time = int(time.time() * 1000)
+    if spool.count:
+        spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
+        # Still ends it here, so that this process holds no active run; the replay sets the
+        # end again after everything that happened before it.
+        with contextlib.suppress(Exception):
+            mlflow.end_run(name)
+        return
+    try:
+        mlflow.end_run(name)
+    except Exception as exc:
+        if not is_unreachable(exc):
+            raise
+        spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
+
+
+def set_run_tags(run_id: str, tags: dict[str, str], client: MlflowClient | None = None) -> None:
     """Several tags in one call (MlflowClient has `set_tag` for one at a time)."""
     safe = redact({key: str(value) for key, value in tags.items()})
-    MlflowClient().log_batch(run_id, tags=[RunTag(k, v) for k, v in safe.items()])
+    (client or MlflowClient()).log_batch(run_id, tags=[RunTag(k, v) for k, v in safe.items()])
 
 
 def log_config(cfg: TrainConfig, logged: Mapping[str, str] | None = None) -> None:

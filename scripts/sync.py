@@ -1,0 +1,8 @@
+"""Replay what a run spooled during a tracking outage: `python scripts/sync.py SPOOL_DIR`."""
+
+import sys
+
+from dlharness.sync import main
+
+if __name__ == "__main__":
+    sys.exit(main())
