@@ -33,7 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here so that --help answers without loading MLflow.
     from dlharness.tracking.run import check_tracking_uri
-    from dlharness.tracking.spool import SYNCED, Spool, replay
+    from dlharness.tracking.spool import SYNCED, ReplayError, Spool, replay
 
     try:
         for folder in args.spool:
@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dlharness-sync: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ReplayError as exc:
+        print(f"dlharness-sync: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

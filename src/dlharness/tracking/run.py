@@ -126,15 +126,34 @@ def tracked_run(
     _end_run(spool, RunStatus.FINISHED)
 
 
+@contextlib.contextmanager
+def _one_quick_try() -> Iterator[None]:
+    """MLflow's HTTP client with no retries and a 2 s timeout, for the duration of the block."""
+    saved = {
+        k: os.environ.get(k)
+        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+    }
+    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _end_run(spool: Spool, status: int) -> None:
     """End the active run; once its writes are spooled, its end is spooled after them."""
     name = RunStatus.to_string(status)
     end_time = int(time.time() * 1000)
     if spool.count:
         spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
-        # Still ends it here, so that this process holds no active run; the replay sets the
-        # end again after everything that happened before it.
-        with contextlib.suppress(Exception):
+        # Still ends it here, so that this process holds no active run (the replay sets the
+        # end again after everything that happened before it); one quick try, as the server
+        # did not answer before.
+        with _one_quick_try(), contextlib.suppress(Exception):
             mlflow.end_run(name)
         return
     try:

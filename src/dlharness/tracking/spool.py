@@ -31,6 +31,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 JOURNAL = "journal.jsonl"
 SYNCED = "journal.synced.jsonl"
+PROGRESS = "replayed.json"
 # Seconds a request may wait for an answer, and retries, for http(s) stores unless set: MLflow's
 # defaults (120 s, 7 retries with back-off) would stall tracking for minutes per call.
 HTTP_TIMEOUT_S = "10"
@@ -294,55 +295,85 @@ class SpoolingClient(MlflowClient):
 def replay(spool: Spool, tracking_uri: str) -> int:
     """Send a spool's journal to the run, in order; return the number of operations.
 
-    Safe to run again after a partial replay: metrics already in the run (same key and
-    step) are skipped, params and tags are set to the same values, artifacts overwritten.
+    Safe to run again after a partial replay: it goes on after the last operation done
+    (`replayed.json`), and metrics the run already holds (same key and step, as when a frozen
+    server applied a write after the client gave up on it) are not sent twice.
     """
-    from dlharness.tracking.model_logging import replay_final_model
-
     client = MlflowClient(tracking_uri)
     seen: dict[str, set[int]] = {}
+    progress = spool.folder / PROGRESS
+    done = json.loads(progress.read_text())["seq"] if progress.exists() else 0
     count = 0
     for entry in spool.entries():
-        op, run_id = entry["op"], entry.get("run_id")
-        if op == "log_batch":
-            metrics = []
-            for key, value, timestamp, step in entry["metrics"]:
-                if key not in seen:
-                    seen[key] = {m.step for m in client.get_metric_history(run_id, key)}
-                if step not in seen[key]:
-                    metrics.append(Metric(key, value, timestamp, step))
-                    seen[key].add(step)
-            params = [Param(k, v) for k, v in entry["params"]]
-            tags = [RunTag(k, v) for k, v in entry["tags"]]
-            client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-        elif op == "log_artifact":
-            [name] = entry["files"]
-            client.log_artifact(run_id, str(spool.file(entry, name)), entry["artifact_path"])
-        elif op == "log_artifacts":
-            client.log_artifacts(run_id, str(spool.file(entry, "dir")), entry["artifact_path"])
-        elif op == "delete_artifacts":
-            uri = client.get_run(run_id).info.artifact_uri
-            repository = get_artifact_repository(uri, tracking_uri=tracking_uri)
-            repository.delete_artifacts(entry["artifact_path"])
-        elif op == "log_inputs":
-            datasets = [
-                DatasetInput.from_proto(ProtoDatasetInput.FromString(base64.b64decode(blob)))
-                for blob in entry["datasets"]
-            ]
-            client.log_inputs(run_id, datasets=datasets)
-        elif op == "final_model":
-            replay_final_model(
-                tracking_uri,
-                spool.run_id,
-                spool.file(entry, "model"),
-                spool.file(entry, "example.npy"),
-                entry["onnx"],
-                entry["register"],
-            )
-        elif op == "set_terminated":
-            client.set_terminated(run_id, entry["status"], entry["end_time"])
-        else:
-            raise ValueError(f"unknown spooled operation {op!r} (entry {entry['seq']})")
+        if entry["seq"] <= done:  # replayed by an earlier, interrupted sync
+            continue
+        try:
+            _replay_one(client, spool, entry, seen, tracking_uri)
+        except Exception as exc:
+            first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            raise ReplayError(
+                f"replay stopped at entry {entry['seq']} ({entry['op']}): {first_line}; "
+                "fix that and run it again (what was replayed is not sent twice)"
+            ) from exc
         count += 1
+        partial = progress.with_suffix(".partial")
+        partial.write_text(json.dumps({"seq": entry["seq"]}))
+        os.replace(partial, progress)
     (spool.folder / JOURNAL).rename(spool.folder / SYNCED)
+    progress.unlink(missing_ok=True)
     return count
+
+
+class ReplayError(Exception):
+    """A spooled operation could not be replayed."""
+
+
+def _replay_one(
+    client: MlflowClient,
+    spool: Spool,
+    entry: dict[str, Any],
+    seen: dict[str, set[int]],
+    tracking_uri: str,
+) -> None:
+    from dlharness.tracking.model_logging import replay_final_model
+
+    op, run_id = entry["op"], entry.get("run_id")
+    if op == "log_batch":
+        metrics = []
+        for key, value, timestamp, step in entry["metrics"]:
+            if key not in seen:
+                seen[key] = {m.step for m in client.get_metric_history(run_id, key)}
+            if step not in seen[key]:
+                metrics.append(Metric(key, value, timestamp, step))
+                seen[key].add(step)
+        params = [Param(k, v) for k, v in entry["params"]]
+        tags = [RunTag(k, v) for k, v in entry["tags"]]
+        client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
+    elif op == "log_artifact":
+        [name] = entry["files"]
+        client.log_artifact(run_id, str(spool.file(entry, name)), entry["artifact_path"])
+    elif op == "log_artifacts":
+        client.log_artifacts(run_id, str(spool.file(entry, "dir")), entry["artifact_path"])
+    elif op == "delete_artifacts":
+        uri = client.get_run(run_id).info.artifact_uri
+        repository = get_artifact_repository(uri, tracking_uri=tracking_uri)
+        repository.delete_artifacts(entry["artifact_path"])
+    elif op == "log_inputs":
+        datasets = [
+            DatasetInput.from_proto(ProtoDatasetInput.FromString(base64.b64decode(blob)))
+            for blob in entry["datasets"]
+        ]
+        client.log_inputs(run_id, datasets=datasets)
+    elif op == "final_model":
+        replay_final_model(
+            tracking_uri,
+            spool.run_id,
+            spool.file(entry, "model"),
+            spool.file(entry, "example.npy"),
+            entry["onnx"],
+            entry["register"],
+        )
+    elif op == "set_terminated":
+        client.set_terminated(run_id, entry["status"], entry["end_time"])
+    else:
+        raise ValueError(f"unknown spooled operation {op!r}")
