@@ -11,12 +11,20 @@ from dlharness.bench import VARIANTS, main
 
 
 def test_benchmark_smoke(tmp_path):
+    """Every variant on digits; the heavy workload's data and resnet18 through (a) and (b)."""
+    tiny = ["--epochs", "1", "--repeats", "1", "--samples", "60", "--in-process"]
+    heavy_out = tmp_path / "heavy.json"
+    assert main([*tiny, "--workloads", "heavy", "--variants", "ab", "--out", str(heavy_out)]) == 0
+    heavy = json.loads(heavy_out.read_text())["workloads"]["heavy"]
+    for variant in ("a_plain_pytorch", "b_bare_lightning"):
+        assert heavy[variant]["fit_s"]["median"] > 0
+    assert heavy["ratio_b_over_a"] > 0
+
     out = tmp_path / "results.json"
-    argv = ["--epochs", "1", "--repeats", "1", "--samples", "60", "--in-process", "--out", str(out)]
-    assert main(argv) == 0
+    assert main([*tiny, "--workloads", "digits", "--out", str(out)]) == 0
     results = json.loads(out.read_text())
     assert {"cpu", "cores", "torch", "lightning", "mlflow"} <= set(results["machine"])
-    for name in ("digits", "heavy"):
+    for name in ("digits",):
         workload = results["workloads"][name]
         for variant, label in VARIANTS.items():
             assert workload[f"{variant}_{label}"]["fit_s"]["median"] > 0

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sqlite3
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.cli import main
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
-from .conftest import PYTHON, REPO, cli_env, store_uri
+from .conftest import store_uri
 
 FAULT_YAML = """
 data: {batch_size: 64}
@@ -85,22 +86,23 @@ def test_full_artifact_disk_stops_training_and_fails_the_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_artifact_disk_turning_read_only_stops_training_and_fails_the_run(tmp_path):
+def test_artifact_disk_turning_read_only_stops_training_and_fails_the_run(tmp_path, capsys):
     with tmpfs(tmp_path / "artifacts", "64m") as artifacts:
         uri, config = fault_lab(tmp_path, artifacts)
-        proc = subprocess.Popen(
-            [PYTHON, str(REPO / "scripts" / "train.py"), "--config", str(config),
-             "--tracking-uri", uri],
-            cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 240
-        while not list(artifacts.glob("*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json")):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.01)
-        subprocess.run(["mount", "-o", "remount,ro", str(artifacts)], check=True)
-        _, err = proc.communicate(timeout=240)
-        assert proc.returncode == 1, err
+        record = "*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
+
+        def remount_read_only_after_epoch_1() -> None:
+            deadline = time.monotonic() + 240
+            while not list(artifacts.glob(record)) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            subprocess.run(["mount", "-o", "remount,ro", str(artifacts)], check=True)
+
+        saboteur = threading.Thread(target=remount_read_only_after_epoch_1)
+        saboteur.start()
+        code = main(["--config", str(config), "--tracking-uri", uri])
+        saboteur.join()
+        err = capsys.readouterr().err
+        assert code == 1
         message = err.strip().splitlines()[-1]
         assert "Read-only file system" in message and "ended FAILED" in message
         assert "Traceback" not in err

@@ -120,8 +120,8 @@ def resume(uri: str, *argv: str) -> int:
 # 3. Exact
 
 
-def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path):
-    folder, uri, config, references = lab
+def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path, capsys):
+    _, uri, config, references = lab
     client = MlflowClient(uri)
     first = train(
         load_config(
@@ -129,12 +129,10 @@ def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path):
             {"tracking.tracking_uri": uri, "optim.scheduler": "none", "trainer.max_epochs": 3},
         )
     )
-    proc = subprocess.run(
-        [PYTHON, TRAIN_SCRIPT, "--resume", first.run_id, "--max-epochs", "6", "--tracking-uri", uri],
-        cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("epoch ")] == [
+    capsys.readouterr()
+    assert main(["--resume", first.run_id, "--max-epochs", "6", "--tracking-uri", uri]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in printed if line.startswith("epoch ")] == [
         "4/6",
         "5/6",
         "6/6",
