@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -54,6 +55,31 @@ def run_statuses(uri: str) -> list[str]:
 
 def assert_nothing_running(uri: str) -> None:
     assert RunStatus.to_string(RunStatus.RUNNING) not in run_statuses(uri)
+
+
+# A logged image's file name carries its timestamp and a uuid: runs differ there by design.
+LOGGED_IMAGE_ID = re.compile(r"\+timestamp\+\d+\+[0-9a-f-]+")
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
+    """Every artifact's path in the run, logged images' names without timestamp and uuid."""
+    found = set()
+    for info in client.list_artifacts(run_id, path):
+        if info.is_dir:
+            found |= artifact_paths(client, run_id, info.path)
+        else:
+            found.add(LOGGED_IMAGE_ID.sub("", info.path))
+    return found
+
+
+def epoch_histories(
+    client: MlflowClient, run_id: str, keys: tuple[str, ...]
+) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of each metric in `keys`, by step."""
+    return {
+        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+        for key in keys
+    }
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -21,7 +21,7 @@ from dlharness.sync import main as sync_main
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.train import train
 
-from .conftest import PYTHON, REPO, cli_env
+from .conftest import PYTHON, REPO, artifact_paths, cli_env, epoch_histories
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 OUTAGE_YAML = """
@@ -31,7 +31,6 @@ trainer: {max_epochs: 6, accelerator: cpu}
 tracking: {system_metrics: false, experiment: outage, run_name: outage}
 tracker: {keep_last_checkpoints: 3, onnx: false}
 """
-LOGGED_IMAGE_ID = re.compile(r"\+timestamp\+\d+\+[0-9a-f-]+")
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
@@ -43,23 +42,6 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     )
     wait_until_healthy(f"http://127.0.0.1:{port}", process, 90)
     return process
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    found = set()
-    for info in client.list_artifacts(run_id, path):
-        if info.is_dir:
-            found |= artifact_paths(client, run_id, info.path)
-        else:
-            found.add(LOGGED_IMAGE_ID.sub("", info.path))
-    return found
-
-
-def histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    return {
-        k: sorted((m.step, m.value) for m in client.get_metric_history(run_id, k))
-        for k in EPOCH_KEYS
-    }
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +91,9 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(reference, 
 
         ours, theirs = client.get_run(run_id), MlflowClient(ref_uri).get_run(ref_run)
         assert ours.info.status == "FINISHED"
-        assert histories(client, run_id) == histories(MlflowClient(ref_uri), ref_run)
+        assert epoch_histories(client, run_id, EPOCH_KEYS) == epoch_histories(
+            MlflowClient(ref_uri), ref_run, EPOCH_KEYS
+        )
         mine = {k: v for k, v in ours.data.params.items() if k != "tracking.tracking_uri"}
         refs = {k: v for k, v in theirs.data.params.items() if k != "tracking.tracking_uri"}
         assert mine == refs

@@ -24,7 +24,7 @@ from dlharness.compare import main as compare_main
 from dlharness.server import running_server
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
-from .conftest import PYTHON, REPO, cli_env
+from .conftest import PYTHON, REPO, artifact_paths, cli_env, epoch_histories
 from .test_concurrency import integrity, train_concurrently
 
 POSTGRES_URI = os.environ.get("DLHARNESS_TEST_POSTGRES_URI") or None
@@ -38,7 +38,6 @@ trainer: {max_epochs: 3, accelerator: cpu}
 tracking: {system_metrics: false, experiment: team}
 tracker: {onnx: false}
 """
-LOGGED_IMAGE_ID = re.compile(r"\+timestamp\+\d+\+[0-9a-f-]+")
 RUN_LINE = re.compile(r"^run ([0-9a-f]{32}) finished", re.MULTILINE)
 
 
@@ -107,24 +106,6 @@ def local_reference(config_file, tmp_path_factory) -> tuple[str, str]:
     return uri, train_then_resume(config_file, uri)
 
 
-def artifact_paths(client: MlflowClient, run_id: str, path: str | None = None) -> set[str]:
-    """Every artifact's path; logged images' names lose their timestamp and uuid."""
-    found = set()
-    for info in client.list_artifacts(run_id, path):
-        if info.is_dir:
-            found |= artifact_paths(client, run_id, info.path)
-        else:
-            found.add(LOGGED_IMAGE_ID.sub("", info.path))
-    return found
-
-
-def epoch_histories(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
-    return {
-        key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
-        for key in EPOCH_KEYS
-    }
-
-
 def test_training_resume_and_compare_through_the_server_match_a_local_store(
     server, config_file, local_reference, tmp_path
 ):
@@ -137,9 +118,9 @@ def test_training_resume_and_compare_through_the_server_match_a_local_store(
     without_uri = lambda params: {k: v for k, v in params.items() if k != "tracking.tracking_uri"}  # noqa: E731
     assert without_uri(ours.data.params) == without_uri(theirs.data.params)
     assert ours.data.params["tracking.tracking_uri"] == server.url
-    histories = epoch_histories(remote, run_id)
+    histories = epoch_histories(remote, run_id, EPOCH_KEYS)
     assert [step for step, _ in histories["val/loss"]] == [0, 1, 2, 3]
-    assert histories == epoch_histories(local, local_run)
+    assert histories == epoch_histories(local, local_run, EPOCH_KEYS)
     assert artifact_paths(remote, run_id) == artifact_paths(local, local_run)
     assert stored_epochs(remote, run_id) == stored_epochs(local, local_run) == [0, 1, 2, 3]
 

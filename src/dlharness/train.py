@@ -399,54 +399,36 @@ def _tracked_training(
     callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule, stop, client)
     checkpoints = callbacks[1]
     try:
-        return _fit_and_finish(cfg, accelerator, module, datamodule, resume, run, stop, client,
-                               worker, callbacks)  # fmt: skip
+        try:
+            started = time.perf_counter()
+            if stop is not None:
+                stop.deferring = True
+            fit(cfg, accelerator, module, datamodule, callbacks, resume)
+        finally:
+            if stop is not None:
+                stop.deferring = False
+            worker.close()
+        # The last epoch's uploads ran after training: they may have met a full disk too.
+        worker.check()
+        if client.offline and cfg.tracking.autolog and not reopen:
+            # Autolog's own end-of-fit write (the model summary) failed with the server down;
+            # the same text goes to the spool so that the replayed run lacks nothing.
+            with tempfile.TemporaryDirectory(prefix="dlharness-summary-") as scratch:
+                summary = Path(scratch) / "model_summary.txt"
+                summary.write_text(str(ModelSummary(module, max_depth=-1)))
+                client.log_artifact(run_id, str(summary))
+        timings = {
+            "fit": time.perf_counter() - started,
+            "checkpoint_save": checkpoints.save_seconds,
+            **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
+        }
+        device = TORCH_DEVICES[accelerator]
+        try:
+            return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
+        except OSError as exc:
+            failure = as_storage_error("logging the evaluation and the model", exc)
+            if failure is None:
+                raise
+            raise failure from None
     finally:
         checkpoints.close()
-
-
-def _fit_and_finish(
-    cfg: TrainConfig,
-    accelerator: str,
-    module: ClassifierModule,
-    datamodule: ClassificationDataModule,
-    resume: ResumePoint | None,
-    run: Run,
-    stop: StopSignals | None,
-    client: SpoolingClient,
-    worker: TrackingWorker,
-    callbacks: tuple[EpochTracker, MlflowCheckpoint, RunContextLogger],
-) -> TrainResult:
-    try:
-        started = time.perf_counter()
-        if stop is not None:
-            stop.deferring = True
-        fit(cfg, accelerator, module, datamodule, callbacks, resume)
-    finally:
-        if stop is not None:
-            stop.deferring = False
-        worker.close()
-    # The last epoch's uploads ran after training: they may have met a full disk too.
-    worker.check()
-    reopen = resume is not None and not resume.fork
-    if client.offline and cfg.tracking.autolog and not reopen:
-        # Autolog's own end-of-fit write (the model summary) failed with the server down;
-        # the same text goes to the spool so that the replayed run lacks nothing.
-        with tempfile.TemporaryDirectory(prefix="dlharness-summary-") as scratch:
-            summary = Path(scratch) / "model_summary.txt"
-            summary.write_text(str(ModelSummary(module, max_depth=-1)))
-            client.log_artifact(run.info.run_id, str(summary))
-    checkpoints = callbacks[1]
-    timings = {
-        "fit": time.perf_counter() - started,
-        "checkpoint_save": checkpoints.save_seconds,
-        **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
-    }
-    device = TORCH_DEVICES[accelerator]
-    try:
-        return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
-    except OSError as exc:
-        failure = as_storage_error("logging the evaluation and the model", exc)
-        if failure is None:
-            raise
-        raise failure from None
