@@ -83,13 +83,12 @@ def open_store(uri: str) -> None:
 def set_experiment(uri: str, name: str) -> str:
     mlflow.set_tracking_uri(uri)
     try:
-        try:
-            return mlflow.set_experiment(name).experiment_id
-        except mlflow.exceptions.MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-            # Another process created it between our lookup and our create: use theirs.
-            return mlflow.set_experiment(name).experiment_id
+        experiment = mlflow.set_experiment(name)
+        # When another process creates the experiment between MLflow's lookup and its create,
+        # set_experiment returns it without making it active, and the run would land in the
+        # Default experiment (seen with four trainings started at once against a server).
+        # Setting it again by id makes it active either way.
+        return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
     except mlflow.exceptions.MlflowException as exc:
         raise UsageError(f"experiment '{name}': {_first_line(exc)}") from None
 
