@@ -17,7 +17,6 @@ unexport PYTHONDONTWRITEBYTECODE
 # Reinstall only when the dependency list changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	# --no-compile: byte-compiling all of torch costs about a minute; imports cache what they use.
 	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
 	touch $(STAMP)

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -15,13 +16,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from dlharness.cli import main as train_main
 from dlharness.config import load_config
 from dlharness.server import free_port, server_command, server_env, stop_server, wait_until_healthy
 from dlharness.sync import main as sync_main
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.train import train
 
-from .conftest import PYTHON, REPO, artifact_paths, cli_env, epoch_histories
+from .conftest import artifact_paths, epoch_histories
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 OUTAGE_YAML = """
@@ -55,29 +57,33 @@ def reference(tmp_path_factory) -> tuple[str, str, Path]:
 
 
 @pytest.mark.slow
-def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(reference, tmp_path, capsys):
+def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
+    reference, tmp_path, capsys, monkeypatch
+):
     ref_uri, ref_run, config = reference
+    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    env = cli_env()
-    training = subprocess.Popen(
-        [PYTHON, str(REPO / "scripts" / "train.py"), "--config", str(config), "--tracking-uri", url],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
     pattern = "artifacts/*/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
-    deadline = time.monotonic() + 240
-    while not list(tmp_path.glob(pattern)):
-        assert training.poll() is None and time.monotonic() < deadline, training.communicate()
-        time.sleep(0.01)
-    os.killpg(server.pid, signal.SIGKILL)
 
-    out, err = training.communicate(timeout=400)
-    assert training.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
-    run_id = re.search(r"^run ([0-9a-f]{32}) finished", out, re.MULTILINE).group(1)
-    spool = tmp_path / "mlflow-spool" / run_id
-    assert f"dlharness-sync {spool}" in err
+    def kill_server_after_epoch_2() -> None:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob(pattern)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(server.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_server_after_epoch_2)
+    killer.start()
+    capsys.readouterr()
+    code = train_main(["--config", str(config), "--tracking-uri", url])
+    killer.join()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "Traceback" not in captured.err
+    run_id = re.search(r"^run ([0-9a-f]{32}) finished", captured.out, re.MULTILINE).group(1)
+    spool = Path("mlflow-spool").resolve() / run_id
+    assert f"dlharness-sync {spool}" in captured.err
     assert (spool / "journal.jsonl").is_file()
 
     server.wait()
