@@ -229,6 +229,28 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     assert_nothing_running(uri)
 
 
+def test_ctrl_c_to_the_real_cli_ends_killed_with_exit_130_and_the_state_stored(lab):
+    folder, uri, config, _ = lab
+    client = MlflowClient(uri)
+    pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
+    earlier = set(folder.glob(pattern))
+    proc = start_training(folder, uri, config, "--run-name", "ctrl-c")
+    record = wait_for(folder, pattern, proc, ignore=earlier)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    run_id = run_id_of(record)
+    message = stderr.strip().splitlines()[-1]
+    assert message.startswith("dlharness-train: interrupted by SIGINT")
+    assert f"--resume {run_id}" in message
+    assert client.get_run(run_id).info.status == "KILLED"
+    # The state at the stop is stored after epoch 1's: a later epoch, or epoch 1 again.
+    stored = stored_epochs(client, run_id)
+    assert stored[-1] >= 1
+    assert checkpoint_metadata(client, run_id, stored[-1])["sha256"]
+
+
 def test_ctrl_c_mid_epoch_stops_there_and_resumes_exactly(lab, tmp_path, monkeypatch):
     """A real SIGINT at batch 6 of epoch 1: the stored state continues with batch 7."""
     _, uri, config, references = lab
