@@ -71,7 +71,9 @@ def assert_one_value_per_epoch(client: MlflowClient, run_id: str, epochs: int = 
         assert [step for step, _ in history] == list(range(epochs)), key
 
 
-def assert_same_training(client: MlflowClient, run_id: str, reference: str, tmp_path: Path) -> None:
+def assert_same_training(
+    client: MlflowClient, run_id: str, reference: str, tmp_path: Path, weights_atol: float = 0.0
+) -> None:
     ours, theirs = histories(client, run_id), histories(client, reference)
     for key in KEYS:
         for (step, a), (_, b) in zip(ours[key], theirs[key], strict=True):
@@ -80,7 +82,7 @@ def assert_same_training(client: MlflowClient, run_id: str, reference: str, tmp_
     mine = torch.load(fetch_checkpoint(client, run_id, last, tmp_path / "a"), weights_only=True)
     ref = torch.load(fetch_checkpoint(client, reference, last, tmp_path / "b"), weights_only=True)
     for name, tensor in ref["state_dict"].items():
-        assert torch.equal(mine["state_dict"][name], tensor), name
+        assert torch.allclose(mine["state_dict"][name], tensor, rtol=0, atol=weights_atol), name
 
 
 def start_training(folder: Path, uri: str, config: Path, *flags: str) -> subprocess.Popen:
@@ -150,6 +152,24 @@ def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path, caps
     assert torch.equal(
         next(iter(module.state_dict().values())), next(iter(final["state_dict"].values()))
     )
+
+
+def test_data_on_device_in_nhwc_trains_and_resumes_the_same_model(lab, tmp_path):
+    """Tensors held whole by the loader and NHWC weights change speed, not the training.
+
+    NHWC convolutions sum in another order: equal metrics, weights equal to 1e-5.
+    """
+    _, uri, config, references = lab
+    client = MlflowClient(uri)
+    overrides = {"tracking.tracking_uri": uri, "optim.scheduler": "none", "trainer.max_epochs": 3}
+    fast = {"data.on_device": True, "trainer.channels_last": True}
+    first = train(load_config(config, {**overrides, **fast}))
+    resumed = ["--resume", first.run_id, "--max-epochs", "6", "--tracking-uri", uri]
+    assert main([*resumed, "--data-on-device", "--channels-last"]) == 0
+    params = client.get_run(first.run_id).data.params
+    assert params["data.on_device"] == params["trainer.channels_last"] == "True"
+    assert_one_value_per_epoch(client, first.run_id)
+    assert_same_training(client, first.run_id, references["none"], tmp_path, weights_atol=1e-5)
 
 
 # 4. Crash-proof

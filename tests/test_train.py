@@ -175,15 +175,3 @@ def test_progress_is_rich_on_a_terminal_and_plain_lines_otherwise(monkeypatch, s
     piped = build_trainer(cfg, "cpu", [])
     assert piped.progress_bar_callback is None
     assert any(isinstance(c, EpochLinePrinter) for c in piped.callbacks)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_run_with_bf16(store):
-    cfg = tiny_config(store, **{"trainer.accelerator": "gpu", "trainer.precision": "bf16-mixed"})
-    result = train(cfg)
-    run = MlflowClient(store).get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.params["trainer.accelerator"] == "gpu"
-    assert next(result.module.parameters()).device.type == "cuda"
-    history = MlflowClient(store).get_metric_history(result.run_id, "val/loss")
-    assert sorted(m.step for m in history) == [0, 1]

@@ -61,6 +61,10 @@ FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
 SWITCHES = (
     ("--download", "data.download", True,
      "allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)"),
+    ("--data-on-device", "data.on_device", True,
+     "keep every split as tensors on the training device (default: off)"),
+    ("--channels-last", "trainer.channels_last", True,
+     "NHWC weights and batches, for tensor-core GPUs (default: off)"),
     ("--no-system-metrics", "tracking.system_metrics", False,
      "do not sample CPU/GPU/memory use into system/* metrics (default: sampled)"),
 )  # fmt: skip
@@ -111,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = parser.add_argument_group(
         "resume",
         "continue a logged run from its checkpoint; its logged config is reused and only "
-        "--max-epochs, --accelerator, --devices, --data-dir, --num-workers and logging flags "
-        "may change",
+        "--max-epochs, --accelerator, --devices, --data-dir, --num-workers, --data-on-device, "
+        "--channels-last and logging flags may change",
     )
     resume.add_argument(
         "--resume",

@@ -57,6 +57,10 @@ class DataConfig:
     # Square side in pixels that images are resized to; null keeps the data set's own size
     # (imagefolder needs one because its files may differ in size).
     image_size: int | None = None
+    # Hold every split as tensors on the training device (read and transformed once, with
+    # num_workers): a batch is then one indexing op, with no per-sample collation and no
+    # host-to-device copy. For sets that fit in the device's memory (CIFAR-10: 0.6 GB).
+    on_device: bool = False
 
 
 @dataclass
@@ -87,6 +91,8 @@ class TrainerConfig:
     # Machines in a multi-node DDP job (each runs the same command; see the README).
     num_nodes: int = 1
     deterministic: bool = True
+    # NHWC weights and batches: faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
+    channels_last: bool = False
 
 
 @dataclass

@@ -148,6 +148,7 @@ def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> Clas
         weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum,
         scheduler=cfg.optim.scheduler,
+        channels_last=cfg.trainer.channels_last,
     )
 
 

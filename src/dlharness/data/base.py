@@ -35,6 +35,41 @@ def image_transform(
     return v2.Compose(steps)
 
 
+class TensorBatches(Dataset):
+    """A whole split as two tensors, where a batch is one indexing op (`data.on_device`).
+
+    Its loader's `collate_fn` is `batch_as_is`: `__getitems__` already returns the batch.
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[index], self.labels[index]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.tensor(indices, device=self.labels.device)
+        return self.features[index], self.labels[index]
+
+
+def batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return batch
+
+
+def stack_split(dataset: Dataset, num_workers: int, device: torch.device) -> TensorBatches:
+    """Read and transform every sample of `dataset` once, into tensors on `device`."""
+    # 1024 samples per read: few Python round trips, bounded host memory per step. A loader
+    # without a generator draws its seed from the global one, shifting later dropout draws.
+    loader = DataLoader(
+        dataset, batch_size=1024, num_workers=num_workers, generator=torch.Generator()
+    )
+    features, labels = zip(*loader, strict=True)
+    return TensorBatches(torch.cat(features).to(device), torch.cat(labels).to(device))
+
+
 class ResumableRandomSampler(Sampler[int]):
     """A random order per pass from one seeded generator, that can resume mid-pass.
 
@@ -86,6 +121,9 @@ class ClassificationDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         self.shuffle_generator = torch.Generator().manual_seed(seed)
         self.train_sampler: ResumableRandomSampler | None = None
+        # Where `data.on_device` puts the splits when no trainer says (the bench's plain loop).
+        self.device_without_trainer = torch.device("cpu")
+        self._stacked: dict[tuple[str, torch.device], TensorBatches] = {}
 
     @property
     @abstractmethod
@@ -126,15 +164,33 @@ class ClassificationDataModule(L.LightningDataModule):
     def split_sizes(self) -> dict[str, int]:
         return {name: len(split) for name, split in self.splits().items()}
 
-    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+    @property
+    def device(self) -> torch.device:
+        """Where `data.on_device` keeps the splits: the trainer's device for this process."""
+        if self.trainer is not None:
+            return self.trainer.strategy.root_device
+        return self.device_without_trainer
+
+    def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
+        dataset = self.splits()[split]
+        # The loader draws its workers' base seed from this generator too; with the global
+        # one it would shift the dropout draws between a run and its resumption.
+        generator = self.shuffle_generator if sampler is not None else None
+        size = self.cfg.batch_size
+        if self.cfg.on_device:
+            key = (split, self.device)
+            if key not in self._stacked:
+                self._stacked[key] = stack_split(dataset, self.cfg.num_workers, self.device)
+            return DataLoader(
+                self._stacked[key], size, sampler=sampler, generator=generator,
+                collate_fn=batch_as_is,
+            )  # fmt: skip
         workers = self.cfg.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.cfg.batch_size,
+            batch_size=size,
             sampler=sampler,
-            # The loader draws its workers' base seed from this generator too; with the
-            # global one it would shift the dropout draws between a run and its resumption.
-            generator=self.shuffle_generator if sampler is not None else None,
+            generator=generator,
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
@@ -143,13 +199,13 @@ class ClassificationDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:
             self.train_sampler = ResumableRandomSampler(len(self.train_set), self.shuffle_generator)
-        return self._loader(self.train_set, self.train_sampler)
+        return self._loader("train", self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set)
+        return self._loader("test")
 
     def _batches_done_this_epoch(self) -> int:
         """Training batches of the current epoch already done; 0 at an epoch's end."""

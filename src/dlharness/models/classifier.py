@@ -51,6 +51,8 @@ class ClassifierModule(L.LightningModule):
         scheduler: ``cosine`` anneals the rate to 0 over the trainer's `max_epochs` (read each
             epoch, so a resumed run given more epochs anneals over its new length);
             ``none`` keeps it fixed.
+        channels_last: Keep weights and batches in NHWC order, which tensor-core convolutions
+            read without a transpose.
     """
 
     def __init__(
@@ -63,10 +65,13 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str = "cosine",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net if net is not None else build_net(net_spec)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         metrics = classification_metrics(net_spec["num_classes"])
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -79,7 +84,7 @@ class ClassifierModule(L.LightningModule):
         self, batch: tuple[torch.Tensor, torch.Tensor], stage: str
     ) -> dict[str, torch.Tensor]:
         x, y = batch
-        logits = self(x)
+        logits = self(x.contiguous(memory_format=self.memory_format))
         loss = F.cross_entropy(logits, y)
         metrics = getattr(self, f"{stage}_metrics")
         # Metrics in float32 whatever the training precision: AUROC sorts probabilities.

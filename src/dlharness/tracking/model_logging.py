@@ -47,7 +47,9 @@ def _quiet(logger_name: str) -> Iterator[None]:
 
 
 def _cpu_copy(net: nn.Module) -> nn.Module:
-    return copy.deepcopy(net).to("cpu").float().eval()
+    # Contiguous (NCHW) weights whatever the training layout: what a CPU loader expects.
+    cpu_net = copy.deepcopy(net).to("cpu", memory_format=torch.contiguous_format)
+    return cpu_net.float().eval()
 
 
 def log_network(net: nn.Module, example_batch: torch.Tensor, name: str = "model") -> ModelInfo:
