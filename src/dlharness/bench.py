@@ -322,20 +322,28 @@ def measure(
         for _ in range(repeats):
             for variant in variants:  # interleaved, so drift hits every variant alike
                 if in_process:
-                    runs[variant].append(worker(variant, work, device, Path(scratch)))
-                    continue
-                out = Path(scratch) / "out.json"
-                argv = [
-                    *(sys.executable, "-m", "dlharness.bench", "--worker", variant),
-                    *("--device", device, "--workload", json.dumps(asdict(work))),
-                    *("--scratch", scratch, "--worker-out", str(out)),
-                ]
-                done = subprocess.run(
-                    argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                    measured = worker(variant, work, device, Path(scratch))
+                else:
+                    out = Path(scratch) / "out.json"
+                    argv = [
+                        *(sys.executable, "-m", "dlharness.bench", "--worker", variant),
+                        *("--device", device, "--workload", json.dumps(asdict(work))),
+                        *("--scratch", scratch, "--worker-out", str(out)),
+                    ]
+                    done = subprocess.run(
+                        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+                    )
+                    if done.returncode:
+                        raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-3000:]}")
+                    measured = json.loads(out.read_text())
+                runs[variant].append(measured)
+                # One line per run: an interrupted benchmark still shows what it measured.
+                print(
+                    f"{work.name} ({variant}): fit {measured['fit_s']:.2f} s, "
+                    f"{measured['images_per_s']:.0f} images/s",
+                    file=sys.stderr,
+                    flush=True,
                 )
-                if done.returncode:
-                    raise RuntimeError(f"variant {variant} failed:\n{done.stderr[-3000:]}")
-                runs[variant].append(json.loads(out.read_text()))
     result: dict[str, Any] = {
         "date": date.today().isoformat(),
         "workload": asdict(work),
