@@ -43,6 +43,7 @@ from dlharness.resume import (
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir
 from dlharness.tracking.evaluation import evaluate, log_evaluation
 from dlharness.tracking.model_logging import (
+    PackageIndex,
     log_network,
     log_onnx,
     register_candidate,
@@ -161,6 +162,7 @@ def finish(
     device: str,
     timings: dict[str, float],
     client: SpoolingClient,
+    package_index: PackageIndex,
 ) -> TrainResult:
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
     run_id = run.info.run_id
@@ -184,7 +186,9 @@ def finish(
     model_uri = onnx_uri = registered = None
     if not client.offline:
         try:
-            model_uri, onnx_uri, registered = _log_models(cfg, module, example_batch, timings)
+            model_uri, onnx_uri, registered = _log_models(
+                cfg, module, example_batch, timings, package_index
+            )
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -211,9 +215,14 @@ def finish(
 
 
 def _log_models(
-    cfg: TrainConfig, module: ClassifierModule, example_batch: torch.Tensor, timings: dict
+    cfg: TrainConfig,
+    module: ClassifierModule,
+    example_batch: torch.Tensor,
+    timings: dict,
+    package_index: PackageIndex,
 ) -> tuple[str, str | None, str | None]:
     started = time.perf_counter()
+    package_index.install()
     model_info = log_network(module.net, example_batch)
     timings["model"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -399,6 +408,7 @@ def _tracked_training(
     worker = TrackingWorker()
     callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule, stop, client)
     checkpoints = callbacks[1]
+    package_index = PackageIndex()
     try:
         try:
             started = time.perf_counter()
@@ -425,7 +435,9 @@ def _tracked_training(
         }
         device = TORCH_DEVICES[accelerator]
         try:
-            return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
+            return finish(
+                cfg, module, datamodule, checkpoints, run, device, timings, client, package_index
+            )
         except OSError as exc:
             failure = as_storage_error("logging the evaluation and the model", exc)
             if failure is None:
@@ -433,3 +445,4 @@ def _tracked_training(
             raise failure from None
     finally:
         checkpoints.close()
+        package_index.close()

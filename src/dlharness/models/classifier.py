@@ -9,7 +9,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -76,6 +76,9 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # Sample-weighted means over the epoch (across processes under DDP).
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self._train_logged_epoch: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -86,16 +89,23 @@ class ClassifierModule(L.LightningModule):
         x, y = batch
         logits = self(x.contiguous(memory_format=self.memory_format))
         loss = F.cross_entropy(logits, y)
-        metrics = getattr(self, f"{stage}_metrics")
         # Metrics in float32 whatever the training precision: AUROC sorts probabilities.
-        metrics.update(logits.detach().float().softmax(dim=-1), y)
-        # Epoch-level only: one value per epoch, logged by MLflow at step = epoch.
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=len(y), sync_dist=True)  # fmt: skip
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val",
-                      batch_size=len(y))  # fmt: skip
+        getattr(self, f"{stage}_metrics").update(logits.detach().float().softmax(dim=-1), y)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(y))
         # Predictions go to callbacks (the epoch tracker's confusion matrix).
         return {"loss": loss, "preds": logits.detach().argmax(dim=-1), "target": y}
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        """Hand Lightning this stage's metric objects for the epoch now under way.
+
+        Lightning keeps them until the epoch ends, then computes, logs and resets them: one
+        value per epoch (logged by MLflow at step = epoch). Logging them once per epoch, not
+        per batch, spares Lightning's per-call bookkeeping (≈0.4 ms a call, 7 calls a batch).
+        """
+        loss = getattr(self, f"{stage}_loss")
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict(getattr(self, f"{stage}_metrics"), on_step=False, on_epoch=True,
+                      prog_bar=stage == "val")  # fmt: skip
 
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "train")
@@ -107,11 +117,21 @@ class ClassifierModule(L.LightningModule):
         return self._shared_step(batch, "test")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Per batch, not per epoch start: a run resumed mid-epoch gets no epoch start. The rate
-        # changes only between epochs, so "max" is the epoch's rate, exactly. Equal on every
-        # rank; the sync only keeps Lightning from warning under DDP.
+        # At the first batch this process trains in each epoch, not at the epoch's start: a
+        # run resumed mid-epoch gets no on_train_epoch_start.
+        if self._train_logged_epoch == self.current_epoch:
+            return
+        self._train_logged_epoch = self.current_epoch
+        self._log_epoch_metrics("train")
+        # Equal on every rank; the sync only keeps Lightning from warning under DDP.
         lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log("train/lr", lr, on_step=False, on_epoch=True, reduce_fx="max", sync_dist=True)
+        self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._log_epoch_metrics("test")
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

@@ -10,7 +10,9 @@ from matplotlib.figure import Figure
 
 def roc_figure(curves_by_class: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Figure:
     """One-vs-rest ROC curves: class name → (false positive rates, true positive rates, AUC)."""
-    fig = Figure(figsize=(6, 5), dpi=100, layout="constrained")
+    # Fixed margins (fractions of the figure): constrained layout costs 0.2 s per figure here.
+    fig = Figure(figsize=(6, 5), dpi=100)
+    fig.subplots_adjust(left=0.12, right=0.97, top=0.92, bottom=0.1)
     ax = fig.add_subplot()
     for name, (fpr, tpr, auc) in curves_by_class.items():
         ax.plot(fpr, tpr, linewidth=1, label=f"{name} (AUC {auc:.3f})")
