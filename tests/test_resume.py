@@ -172,6 +172,21 @@ def test_data_on_device_in_nhwc_trains_and_resumes_the_same_model(lab, tmp_path)
     assert_same_training(client, first.run_id, references["none"], tmp_path, weights_atol=1e-5)
 
 
+def test_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(lab, monkeypatch):
+    """Checkpoints whose tensors are tagged cuda:0, as a GPU writes them, resume on the CPU."""
+    _, uri, config, _ = lab
+    client = MlflowClient(uri)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        first = train(load_config(config, {"tracking.tracking_uri": uri, "trainer.max_epochs": 2}))
+    point = prepare_resume(first.run_id, None, {"trainer.max_epochs": 3}, uri)
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load meets here
+        torch.load(point.checkpoint, weights_only=True)
+    train(point.config, point)
+    assert client.get_run(first.run_id).info.status == "FINISHED"
+    assert_one_value_per_epoch(client, first.run_id, epochs=3)
+
+
 # 4. Crash-proof
 
 

@@ -187,14 +187,10 @@ def prepare_resume(
         )
     scratch = Path(tempfile.mkdtemp(prefix="dlharness-resume-"))
     try:
-        path, state = load_stored_checkpoint(client, run_id, epoch, scratch)
+        path, _ = load_stored_checkpoint(client, run_id, epoch, scratch)
     except UsageError:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if not torch.cuda.is_available():
-        # A checkpoint written on a GPU holds CUDA tensors, which Lightning's own loader
-        # cannot place on a machine without one; `state` was loaded onto the CPU.
-        torch.save(state, path)
     return ResumePoint(run_id, epoch, path, config, fork, scratch)
 
 

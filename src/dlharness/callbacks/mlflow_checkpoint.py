@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,7 @@ class MlflowCheckpoint(L.Callback):
         self._scratch: Path | None = None
         # Seconds the training thread spent writing checkpoints (the upload is the worker's).
         self.save_seconds = 0.0
+        self._upload: Future | None = None
         self._best_copy: Path | None = None
         self.best_copy_epoch: int | None = None
         self._artifacts: Any = None
@@ -182,7 +184,12 @@ class MlflowCheckpoint(L.Callback):
         if not trainer.is_global_zero:
             return
         os.replace(partial, final)  # a complete file or none, never half of one
-        self.worker.submit(
+        # One upload in flight at most: the low-priority tracking thread may fall behind
+        # training, but never by more than this (what a crash can lose, how late a full disk
+        # is noticed). Its jobs run in order, so everything queued before is done as well.
+        if self._upload is not None:
+            self._upload.result()
+        self._upload = self.worker.submit(
             "checkpoint upload",
             self._store,
             epoch,
