@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Sequence
@@ -22,14 +23,19 @@ EPOCH_PREFIXES = ("train/", "val/")
 CONFUSION_KEY = "val_confusion_matrix"
 LOSS_CURVES = "plots/loss_curves.png"
 METRIC_CURVES = "plots/metric_curves.png"
+# Seconds between redraws of the curves (the last epoch always redraws them): the UI charts
+# every epoch's values anyway, and on 0.5 s epochs redrawing each time is a fifth of what
+# tracking costs.
+CURVES_EVERY_S = 5.0
 
 
 class EpochTracker(L.Callback):
     """Logs every epoch-level metric at ``step = epoch``, exactly once, and redraws the curves.
 
-    After each epoch: the ``train/*`` and ``val/*`` values from Lightning's callback metrics,
-    ``plots/loss_curves.png`` and ``plots/metric_curves.png`` drawn from the whole history, and
-    the validation confusion matrix as an image at ``step = epoch`` (the UI's image slider).
+    After each epoch: the ``train/*`` and ``val/*`` values from Lightning's callback metrics
+    and the validation confusion matrix as an image at ``step = epoch`` (the UI's image
+    slider); ``plots/loss_curves.png`` and ``plots/metric_curves.png``, drawn from the whole
+    history, after the first and the last epoch and at most every `CURVES_EVERY_S` between.
 
     Logging is idempotent per (metric, epoch): values a run already holds are not sent again,
     and values missing from it (a process killed before they were sent) are sent from the
@@ -64,6 +70,7 @@ class EpochTracker(L.Callback):
         self._confusion = MulticlassConfusionMatrix(num_classes=len(class_names))
         self._epoch_confusion: np.ndarray | None = None
         self._logged_steps: dict[str, set[int]] = {}
+        self._curves_drawn_at = -math.inf
 
     @property
     @override
@@ -122,8 +129,12 @@ class EpochTracker(L.Callback):
             return
         self.worker.submit("epoch metrics", self._log_metrics, epoch, values)
         if self.plots:
-            snapshot = {e: dict(v) for e, v in self.history.items()}
-            self.worker.submit("epoch plots", self._log_curves, snapshot)
+            now = time.monotonic()
+            final = epoch + 1 >= (trainer.max_epochs or math.inf) or trainer.should_stop
+            if final or now - self._curves_drawn_at >= CURVES_EVERY_S:
+                self._curves_drawn_at = now
+                snapshot = {e: dict(v) for e, v in self.history.items()}
+                self.worker.submit("epoch plots", self._log_curves, snapshot)
             if self._epoch_confusion is not None:
                 self.worker.submit(
                     "confusion matrix image", self._log_confusion, epoch, self._epoch_confusion

@@ -97,7 +97,8 @@ def _blue(fraction: float) -> tuple[int, int, int]:
 def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Image.Image:
     """Counts, rows = true class, columns = predicted class."""
     n = len(class_names)
-    cell = int(np.clip(420 // max(n, 1), 14, 48))
+    # 280 px of cells at most: 28 px for 10 classes, a picture encoded twice per epoch.
+    cell = int(np.clip(280 // max(n, 1), 14, 48))
     label_w, top = 90, 50
     width, height = label_w + cell * n + 20, top + cell * n + 60
     image = Image.new("RGB", (width, height), "white")
