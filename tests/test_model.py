@@ -90,3 +90,23 @@ def test_checkpoint_rebuilds_the_network_without_arguments(tmp_path):
     assert torch.equal(module(x), restored(x))
     assert restored.hparams.lr == 0.01
     assert "net" not in restored.hparams
+
+
+def test_every_fit_of_a_module_reports_its_epoch_metrics(tmp_path):
+    """Metric objects are handed to Lightning once per epoch; a second fit starts at epoch 0."""
+    from dlharness.config import load_config
+    from dlharness.data import build_datamodule
+    from dlharness.train import build_module
+
+    cfg = load_config(None, {"model.width": 8, "data.batch_size": 128})
+    datamodule = build_datamodule(cfg.data, cfg.seed)
+    module = build_module(cfg, datamodule)
+    expected = {f"{stage}/{name}" for stage in ("train", "val")
+                for name in ("loss", "acc", "precision", "recall", "f1", "auroc")}  # fmt: skip
+    for _ in range(2):
+        trainer = L.Trainer(
+            max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=datamodule)
+        assert expected | {"train/lr"} <= set(trainer.callback_metrics)

@@ -116,6 +116,10 @@ class ClassifierModule(L.LightningModule):
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._shared_step(batch, "test")
 
+    def on_train_start(self) -> None:
+        # A second `fit` of this module starts its epochs at 0 again.
+        self._train_logged_epoch = None
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # At the first batch this process trains in each epoch, not at the epoch's start: a
         # run resumed mid-epoch gets no on_train_epoch_start.
