@@ -258,7 +258,7 @@ def build_callbacks(
     accelerator: str,
     datamodule: ClassificationDataModule,
     stop: StopSignals | None = None,
-    client: MlflowClient | None = None,
+    client: SpoolingClient | None = None,
 ) -> tuple[EpochTracker, MlflowCheckpoint, RunContextLogger]:
     names = datamodule.info.class_names
     tracker = EpochTracker(worker, run_id, names, plots=cfg.tracker.plots, client=client)

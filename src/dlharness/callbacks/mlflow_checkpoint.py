@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.tracking import MlflowClient
+import mlflow
 from typing_extensions import override
 
+from dlharness.config import TrackingConfig
 from dlharness.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.checkpoints import (
     BEST_EPOCH_TAG,
@@ -56,8 +56,9 @@ class MlflowCheckpoint(L.Callback):
         stop: SIGINT/SIGTERM requests to honour: at the next batch boundary the state is
             stored (``complete: false`` in the record when mid-epoch) and training ends with
             `TrainingInterrupted`. None for DDP, where Lightning stops all ranks together.
-        client: The client to write with (a `SpoolingClient` keeps writes through an outage);
-            by default MLflow's for the current tracking URI.
+        client: The client to write with: a `SpoolingClient`, which keeps writes through an
+            outage and deletes the checkpoints retention drops; by default one for the
+            current tracking URI and the default spool folder.
     """
 
     def __init__(
@@ -69,7 +70,7 @@ class MlflowCheckpoint(L.Callback):
         monitor: str = "val/loss",
         mode: str = "min",
         stop: StopSignals | None = None,
-        client: MlflowClient | None = None,
+        client: SpoolingClient | None = None,
     ) -> None:
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -84,7 +85,9 @@ class MlflowCheckpoint(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.stop = stop
-        self.client = client or MlflowClient()
+        self.client = client or SpoolingClient(
+            mlflow.get_tracking_uri(), TrackingConfig.spool_dir, run_id
+        )
         self.best_epoch: int | None = None
         self.best_value: float | None = None
         self.stored_epochs: list[int] = []
@@ -95,7 +98,6 @@ class MlflowCheckpoint(L.Callback):
         self._upload: Future | None = None
         self._best_copy: Path | None = None
         self.best_copy_epoch: int | None = None
-        self._artifacts: Any = None
 
     @property
     @override
@@ -256,13 +258,7 @@ class MlflowCheckpoint(L.Callback):
             self._delete(old)
 
     def _delete(self, epoch: int) -> None:
-        if isinstance(self.client, SpoolingClient):
-            self.client.delete_artifacts(self.run_id, epoch_dir(epoch))
-            return
-        if self._artifacts is None:  # looked up once: each lookup is a store query
-            uri = self.client.get_run(self.run_id).info.artifact_uri
-            self._artifacts = get_artifact_repository(uri)
-        self._artifacts.delete_artifacts(epoch_dir(epoch))
+        self.client.delete_artifacts(self.run_id, epoch_dir(epoch))
 
     @property
     def best_local_copy(self) -> Path | None:
