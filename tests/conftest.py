@@ -15,6 +15,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from dlharness.config import TrainConfig, load_config
+from dlharness.tracking.package_index import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,6 +95,18 @@ PYTHON = sys.executable
 @pytest.fixture
 def store(tmp_path: Path) -> str:
     return make_store(tmp_path)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
+    """The suite's package-index cache, apart from the user's (subprocesses inherit it)."""
+    previous = os.environ.get(CACHE_DIR_ENV)
+    os.environ[CACHE_DIR_ENV] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        del os.environ[CACHE_DIR_ENV]
+    else:
+        os.environ[CACHE_DIR_ENV] = previous
 
 
 @pytest.fixture(autouse=True)

@@ -7,13 +7,10 @@ import copy
 import io
 import json
 import logging
-import subprocess
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -36,77 +33,6 @@ def pinned(*packages: str) -> list[str]:
     subprocess, which costs seconds per run.
     """
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
-
-
-# Prints what MLflow's `requirements_utils` builds on the first model log of a process, at
-# the lowest CPU priority: importlib_metadata.packages_distributions().
-_INDEX_SCRIPT = (
-    "import os, json, sys; os.nice(19); import importlib_metadata; "
-    "json.dump(importlib_metadata.packages_distributions(), sys.stdout)"
-)
-
-
-def _unbuilt_index_hooks() -> tuple[Callable[[], None], Any] | None:
-    """MLflow's package-index builder and the metadata module it reads, or None when there is
-    nothing to hand over: the index is built already (an earlier model log in this process),
-    or this MLflow lacks the private names (it then builds its index as before)."""
-    from mlflow.utils import requirements_utils
-
-    build = getattr(requirements_utils, "_init_modules_to_packages_map", None)
-    metadata = getattr(requirements_utils, "importlib_metadata", None)
-    built = getattr(requirements_utils, "_MODULES_TO_PACKAGES", True) is not None
-    return None if build is None or metadata is None or built else (build, metadata)
-
-
-class PackageIndex:
-    """MLflow's index of installed packages, built by a child process while training runs.
-
-    Logging a model makes MLflow check the pinned requirements against an index of every
-    installed distribution's files, built once per process: ≈1.2 s of stat calls here, most
-    of the end of a short run. Built on a thread during training it holds the interpreter
-    lock and costs the epochs as much; a child process at the lowest priority builds it in
-    the cycles training leaves idle, and `install` hands it to MLflow before the first log.
-    No child is started when MLflow has its index already. Any failure only means that
-    MLflow builds the index itself, as it would anyway.
-    """
-
-    def __init__(self) -> None:
-        self._child: subprocess.Popen | None = None
-        if _unbuilt_index_hooks() is not None:
-            self._child = subprocess.Popen(
-                [sys.executable, "-c", _INDEX_SCRIPT],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
-            )
-
-    def install(self) -> None:
-        if self._child is None:
-            return
-        try:
-            # 30 s: an index this slow to build would be as slow for MLflow itself.
-            out, _ = self._child.communicate(timeout=30)
-            index = json.loads(out) if self._child.returncode == 0 else None
-        except (subprocess.TimeoutExpired, ValueError):
-            self.close()
-            return
-        hooks = _unbuilt_index_hooks()
-        if not isinstance(index, dict) or hooks is None:
-            return
-        build, metadata = hooks
-        original = metadata.packages_distributions
-        metadata.packages_distributions = lambda: index
-        try:
-            build()  # adds MLflow's own module names to the index
-        finally:
-            metadata.packages_distributions = original
-
-    def close(self) -> None:
-        if self._child is None:
-            return
-        if self._child.poll() is None:
-            self._child.kill()
-        self._child.communicate()
 
 
 @contextlib.contextmanager

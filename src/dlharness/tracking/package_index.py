@@ -1,0 +1,171 @@
+"""MLflow's index of installed packages: read from a cache, else built by a child process.
+
+Logging a model makes MLflow check the pinned requirements against an index of every installed
+distribution's files (`importlib_metadata.packages_distributions`), built once per process:
+≈1.2 s of stat calls on this machine, most of the end of a short run. The index only changes
+when packages are installed, upgraded or removed, so it is cached on disk under a key made of
+the distribution folders on `sys.path` and their modification times. On a miss a child process
+at the lowest priority builds it while training runs (on a thread it would hold the
+interpreter lock and cost the epochs as much), and the answer is cached for the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR_ENV = "DLHARNESS_CACHE_DIR"
+# The child uses the parent's sys.path, so that it indexes what the parent would.
+_INDEX_SCRIPT = (
+    "import os, json, sys; os.nice(19); sys.path[:] = json.loads(sys.argv[1]); "
+    "import importlib_metadata; "
+    "json.dump(importlib_metadata.packages_distributions(), sys.stdout)"
+)
+_METADATA_SUFFIXES = (".dist-info", ".egg-info")
+
+Index = dict[str, list[str]]
+
+
+def cache_dir() -> Path:
+    """``$DLHARNESS_CACHE_DIR``, else ``$XDG_CACHE_HOME/dlharness`` (``~/.cache/dlharness``)."""
+    if explicit := os.environ.get(CACHE_DIR_ENV):
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dlharness"
+
+
+def environment_key(paths: Sequence[str]) -> str:
+    """Changes whenever a distribution on `paths` is installed, upgraded or removed: the name
+    and modification time of every metadata folder (≈1 ms, against ≈1.2 s for the index)."""
+    digest = hashlib.sha256()
+    for entry in paths:
+        digest.update(f"{entry}\0".encode())
+        try:
+            with os.scandir(entry or ".") as listing:
+                found = sorted(
+                    (item.name, item.stat().st_mtime_ns)
+                    for item in listing
+                    if item.name.endswith(_METADATA_SUFFIXES)
+                )
+        except OSError:
+            continue
+        for name, mtime_ns in found:
+            digest.update(f"{name}\0{mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def _unbuilt_index_hooks() -> tuple[Callable[[], None], Any] | None:
+    """MLflow's package-index builder and the metadata module it reads, or None when there is
+    nothing to hand over: the index is built already (an earlier model log in this process),
+    or this MLflow lacks the private names (it then builds its index as before)."""
+    from mlflow.utils import requirements_utils
+
+    build = getattr(requirements_utils, "_init_modules_to_packages_map", None)
+    metadata = getattr(requirements_utils, "importlib_metadata", None)
+    built = getattr(requirements_utils, "_MODULES_TO_PACKAGES", True) is not None
+    return None if build is None or metadata is None or built else (build, metadata)
+
+
+def _valid(index: Any) -> bool:
+    return isinstance(index, dict) and all(
+        isinstance(module, str) and isinstance(names, list) for module, names in index.items()
+    )
+
+
+class PackageIndex:
+    """Hands MLflow its package index before the first model log of a process.
+
+    Nothing happens when MLflow has its index already. Any failure (no cache, a child that
+    fails or takes over 30 s, MLflow without the private names) only means that MLflow builds
+    the index itself, as it would anyway.
+
+    Args:
+        cache_file: Where the index is cached; by default one file per Python environment
+            in `cache_dir()`.
+    """
+
+    def __init__(self, cache_file: Path | None = None) -> None:
+        prefix = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+        self.cache_file = cache_file or cache_dir() / f"packages-{prefix}.json"
+        self._child: subprocess.Popen | None = None
+        self._index: Index | None = None
+        if _unbuilt_index_hooks() is None:
+            return
+        self._key = environment_key(sys.path)
+        self._index = self._read_cache()
+        if self._index is None:
+            self._child = subprocess.Popen(
+                [sys.executable, "-c", _INDEX_SCRIPT, json.dumps(sys.path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+
+    @property
+    def cached(self) -> bool:
+        """Whether the index came from the cache (no child process was started)."""
+        return self._index is not None and self._child is None
+
+    def install(self) -> None:
+        index = self._index if self._index is not None else self._from_child()
+        hooks = _unbuilt_index_hooks()
+        if index is None or hooks is None:
+            return
+        build, metadata = hooks
+        original = metadata.packages_distributions
+        # MLflow mutates what it gets (adds its own module names): hand it a copy.
+        metadata.packages_distributions = lambda: {k: list(v) for k, v in index.items()}
+        try:
+            build()
+        finally:
+            metadata.packages_distributions = original
+
+    def close(self) -> None:
+        if self._child is None:
+            return
+        if self._child.poll() is None:
+            self._child.kill()
+        self._child.communicate()
+
+    def _from_child(self) -> Index | None:
+        if self._child is None:
+            return None
+        try:
+            # 30 s: an index this slow to build would be as slow for MLflow itself.
+            out, _ = self._child.communicate(timeout=30)
+            index = json.loads(out) if self._child.returncode == 0 else None
+        except (subprocess.TimeoutExpired, ValueError):
+            self.close()
+            return None
+        if not _valid(index):
+            return None
+        self._index = index
+        self._write_cache(index)
+        return index
+
+    def _read_cache(self) -> Index | None:
+        try:
+            stored = json.loads(self.cache_file.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(stored, dict) or stored.get("key") != self._key:
+            return None
+        index = stored.get("index")
+        return index if _valid(index) else None
+
+    def _write_cache(self, index: Index) -> None:
+        # Written whole then renamed: a concurrent run reads the old file or the new one.
+        partial = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"key": self._key, "index": index}))
+            os.replace(partial, self.cache_file)
+        except OSError:
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
