@@ -15,7 +15,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
 from dlharness.config import TrainConfig, load_config
-from dlharness.tracking.package_index import CACHE_DIR_ENV
+from dlharness.tracking.installed_packages import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 

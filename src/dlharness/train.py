@@ -42,13 +42,13 @@ from dlharness.resume import (
 )
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir
 from dlharness.tracking.evaluation import evaluate, log_evaluation
+from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.model_logging import (
     log_network,
     log_onnx,
     register_candidate,
     save_for_replay,
 )
-from dlharness.tracking.package_index import PackageIndex
 from dlharness.tracking.run import (
     check_tracking_uri,
     log_config,

@@ -16,8 +16,8 @@ from dlharness.tracking.environment import (
     collect_environment,
     environment_tags,
     git_state,
-    installed_requirements,
 )
+from dlharness.tracking.installed_packages import installed_requirements
 from dlharness.tracking.run import set_run_tags
 from dlharness.tracking.worker import TrackingWorker
 

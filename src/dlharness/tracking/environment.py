@@ -139,16 +139,6 @@ def environment_tags(env: Environment) -> dict[str, str]:
     return tags
 
 
-def installed_requirements() -> str:
-    """Every installed distribution as `name==version`, sorted: the run's requirements.txt."""
-    pins = {}
-    for dist in metadata.distributions():
-        name = dist.metadata["Name"]
-        if name:
-            pins[name.lower()] = f"{name}=={dist.version}"
-    return "\n".join(pins[key] for key in sorted(pins)) + "\n"
-
-
 @dataclass(frozen=True)
 class GitState:
     commit: str

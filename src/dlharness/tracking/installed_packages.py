@@ -1,12 +1,10 @@
-"""MLflow's index of installed packages: read from a cache, else built by a child process.
+"""What is installed, cached per Python environment: the run's requirements.txt and MLflow's
+package index.
 
-Logging a model makes MLflow check the pinned requirements against an index of every installed
-distribution's files (`importlib_metadata.packages_distributions`), built once per process:
-≈1.2 s of stat calls on this machine, most of the end of a short run. The index only changes
-when packages are installed, upgraded or removed, so it is cached on disk under a key made of
-the distribution folders on `sys.path` and their modification times. On a miss a child process
-at the lowest priority builds it while training runs (on a thread it would hold the
-interpreter lock and cost the epochs as much), and the answer is cached for the next run.
+Both read every installed distribution's metadata (the index: ≈1.2 s of stat calls here; the
+requirements ≈0.15 s) and both change only when packages are installed, upgraded or removed.
+They are cached on disk under a key made of the distribution folders on `sys.path` and their
+modification times (≈1 ms to compute), one file per environment and kind.
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +59,50 @@ def environment_key(paths: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def _cache_file(kind: str) -> Path:
+    prefix = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
+    return cache_dir() / f"{kind}-{prefix}.json"
+
+
+def read_cached(kind: str, key: str) -> Any:
+    """What `write_cached` stored for `kind` under `key`, or None."""
+    try:
+        stored = json.loads(_cache_file(kind).read_text())
+    except (OSError, ValueError):
+        return None
+    return stored.get("value") if isinstance(stored, dict) and stored.get("key") == key else None
+
+
+def write_cached(kind: str, key: str, value: Any) -> None:
+    """Best effort: a cache that cannot be written only means the next run rebuilds it."""
+    final = _cache_file(kind)
+    # Written whole then renamed: a concurrent run reads the old file or the new one.
+    partial = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps({"key": key, "value": value}))
+        os.replace(partial, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+
+
+def installed_requirements() -> str:
+    """Every installed distribution as `name==version`, sorted: the run's requirements.txt."""
+    key = environment_key(sys.path)
+    cached = read_cached("requirements", key)
+    if isinstance(cached, str):
+        return cached
+    pins = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            pins[name.lower()] = f"{name}=={dist.version}"
+    text = "\n".join(pins[key] for key in sorted(pins)) + "\n"
+    write_cached("requirements", key, text)
+    return text
+
+
 def _unbuilt_index_hooks() -> tuple[Callable[[], None], Any] | None:
     """MLflow's package-index builder and the metadata module it reads, or None when there is
     nothing to hand over: the index is built already (an earlier model log in this process),
@@ -79,26 +122,24 @@ def _valid(index: Any) -> bool:
 
 
 class PackageIndex:
-    """Hands MLflow its package index before the first model log of a process.
+    """Hands MLflow its package index (`importlib_metadata.packages_distributions`, which it
+    builds on the first model log of a process to check pinned requirements) from the cache.
 
-    Nothing happens when MLflow has its index already. Any failure (no cache, a child that
-    fails or takes over 30 s, MLflow without the private names) only means that MLflow builds
-    the index itself, as it would anyway.
-
-    Args:
-        cache_file: Where the index is cached; by default one file per Python environment
-            in `cache_dir()`.
+    On a miss a child process at the lowest priority builds it while training runs (on a
+    thread it would hold the interpreter lock and cost the epochs as much), and `install`
+    caches its answer. Nothing happens when MLflow has its index already. Any failure (a child
+    that fails or takes over 30 s, MLflow without the private names) only means that MLflow
+    builds the index itself, as it would anyway.
     """
 
-    def __init__(self, cache_file: Path | None = None) -> None:
-        prefix = hashlib.sha256(sys.prefix.encode()).hexdigest()[:16]
-        self.cache_file = cache_file or cache_dir() / f"packages-{prefix}.json"
+    def __init__(self) -> None:
         self._child: subprocess.Popen | None = None
         self._index: Index | None = None
         if _unbuilt_index_hooks() is None:
             return
         self._key = environment_key(sys.path)
-        self._index = self._read_cache()
+        cached = read_cached("package-index", self._key)
+        self._index = cached if _valid(cached) else None
         if self._index is None:
             self._child = subprocess.Popen(
                 [sys.executable, "-c", _INDEX_SCRIPT, json.dumps(sys.path)],
@@ -117,14 +158,14 @@ class PackageIndex:
         hooks = _unbuilt_index_hooks()
         if index is None or hooks is None:
             return
-        build, metadata = hooks
-        original = metadata.packages_distributions
+        build, mlflow_metadata = hooks
+        original = mlflow_metadata.packages_distributions
         # MLflow mutates what it gets (adds its own module names): hand it a copy.
-        metadata.packages_distributions = lambda: {k: list(v) for k, v in index.items()}
+        mlflow_metadata.packages_distributions = lambda: {k: list(v) for k, v in index.items()}
         try:
             build()
         finally:
-            metadata.packages_distributions = original
+            mlflow_metadata.packages_distributions = original
 
     def close(self) -> None:
         if self._child is None:
@@ -146,26 +187,5 @@ class PackageIndex:
         if not _valid(index):
             return None
         self._index = index
-        self._write_cache(index)
+        write_cached("package-index", self._key, index)
         return index
-
-    def _read_cache(self) -> Index | None:
-        try:
-            stored = json.loads(self.cache_file.read_text())
-        except (OSError, ValueError):
-            return None
-        if not isinstance(stored, dict) or stored.get("key") != self._key:
-            return None
-        index = stored.get("index")
-        return index if _valid(index) else None
-
-    def _write_cache(self, index: Index) -> None:
-        # Written whole then renamed: a concurrent run reads the old file or the new one.
-        partial = self.cache_file.with_name(f"{self.cache_file.name}.{os.getpid()}.tmp")
-        try:
-            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"key": self._key, "index": index}))
-            os.replace(partial, self.cache_file)
-        except OSError:
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)

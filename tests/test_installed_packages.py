@@ -1,26 +1,35 @@
-"""MLflow's package index: handed over from a cache or a child process, rebuilt when the
-installed packages change."""
+"""What is installed, cached per environment: MLflow's package index (handed over from the
+cache or a child process) and the run's requirements.txt, rebuilt when packages change."""
 
 from __future__ import annotations
 
 import shutil
+from importlib import metadata
 
 import importlib_metadata
 import pytest
 from mlflow.utils import requirements_utils
 
-from dlharness.tracking.package_index import PackageIndex, environment_key
+from dlharness.tracking.installed_packages import (
+    CACHE_DIR_ENV,
+    PackageIndex,
+    environment_key,
+    installed_requirements,
+)
 
 
 @pytest.fixture
-def unbuilt(monkeypatch: pytest.MonkeyPatch):
-    """MLflow as at the start of a process: no package index yet."""
+def unbuilt(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    """MLflow as at the start of a process (no package index yet), and an empty cache."""
+    monkeypatch.setenv(CACHE_DIR_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
     monkeypatch.setattr(requirements_utils, "_PACKAGES_TO_MODULES", None)
 
 
-def handed_over(cache_file) -> tuple[PackageIndex, dict[str, list[str]]]:
-    index = PackageIndex(cache_file)
+def handed_over() -> tuple[PackageIndex, dict[str, list[str]]]:
+    """A fresh PackageIndex installed into MLflow (as `train` does), and MLflow's index."""
+    requirements_utils._MODULES_TO_PACKAGES = None
+    index = PackageIndex()
     try:
         index.install()
     finally:
@@ -37,19 +46,13 @@ def add_distribution(folder, name: str, module: str) -> None:
     (info / "top_level.txt").write_text(f"{module}\n")
 
 
-def test_index_is_mlflows_own_and_the_next_process_reads_it_from_the_cache(
-    tmp_path, unbuilt, monkeypatch
-):
-    cache_file = tmp_path / "packages.json"
-    first, from_child = handed_over(cache_file)
-    assert not first.cached and cache_file.is_file()
-
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    second, from_cache = handed_over(cache_file)
-    assert second.cached
+def test_index_is_mlflows_own_and_the_next_process_reads_it_from_the_cache(unbuilt):
+    first, from_child = handed_over()
+    second, from_cache = handed_over()
+    assert (first.cached, second.cached) == (False, True)
     assert from_cache == from_child
 
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    requirements_utils._MODULES_TO_PACKAGES = None
     requirements_utils._init_modules_to_packages_map()
     own = {m: sorted(n) for m, n in requirements_utils._MODULES_TO_PACKAGES.items()}
     assert from_cache == own
@@ -57,18 +60,22 @@ def test_index_is_mlflows_own_and_the_next_process_reads_it_from_the_cache(
     assert "mlflow" in from_cache["mlflow"]
 
 
-def test_installing_a_package_rebuilds_the_cached_index(tmp_path, unbuilt, monkeypatch):
-    cache_file = tmp_path / "packages.json"
-    handed_over(cache_file)
+def test_installing_a_package_updates_the_index_and_the_requirements(
+    unbuilt, tmp_path, monkeypatch
+):
+    handed_over()
+    before = installed_requirements()
+    assert f"torch=={metadata.version('torch')}" in before.splitlines()
+    assert installed_requirements() == before  # from the cache
+
     site = tmp_path / "site"
     add_distribution(site, "tiny-thing", "tiny_thing")
     monkeypatch.syspath_prepend(str(site))
     assert importlib_metadata.packages_distributions()["tiny_thing"] == ["tiny-thing"]
-
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    after, index = handed_over(cache_file)
+    after, index = handed_over()
     assert not after.cached
     assert index["tiny_thing"] == ["tiny-thing"]
+    assert set(installed_requirements().splitlines()) == {*before.splitlines(), "tiny-thing==1.0"}
 
 
 def test_environment_key_follows_installs_upgrades_and_removals(tmp_path):
@@ -87,11 +94,11 @@ def test_environment_key_follows_installs_upgrades_and_removals(tmp_path):
     assert environment_key([str(site)]) == empty
 
 
-def test_a_damaged_cache_is_rebuilt(tmp_path, unbuilt, monkeypatch):
-    cache_file = tmp_path / "packages.json"
+def test_a_damaged_cache_is_rebuilt(unbuilt, tmp_path):
+    handed_over()
+    [cache_file] = (tmp_path / "cache").glob("package-index-*.json")
     cache_file.write_text('{"key": ')
-    index, built = handed_over(cache_file)
+    index, built = handed_over()
     assert not index.cached
     assert built["torch"] == ["torch"]
-    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
-    assert handed_over(cache_file)[0].cached
+    assert handed_over()[0].cached
