@@ -241,7 +241,8 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
     per_epoch_ms = {
         "metric_logging": workers.get("epoch metrics", 0.0),
         "plots": workers.get("epoch plots", 0.0) + workers.get("confusion matrix image", 0.0),
-        "checkpoint_save": t["checkpoint_save"],
+        # The copy on the training thread and the write on the worker.
+        "checkpoint_save": t["checkpoint_save"] + workers.get("checkpoint write", 0.0),
         "artifact_upload": workers.get("checkpoint upload", 0.0),
     }
     from dlharness.data import build_datamodule

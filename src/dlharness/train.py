@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import ModelSummary
@@ -119,7 +120,12 @@ def check_hardware(cfg: TrainConfig) -> str:
     return accelerator
 
 
-def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback]) -> L.Trainer:
+def build_trainer(
+    cfg: TrainConfig,
+    accelerator: str,
+    callbacks: list[Callback],
+    checkpoint_io: CheckpointIO | None = None,
+) -> L.Trainer:
     interactive = sys.stdout.isatty()
     progress: Callback = RichProgressBar() if interactive else EpochLinePrinter()
     return L.Trainer(
@@ -136,6 +142,7 @@ def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback])
         enable_checkpointing=False,
         enable_progress_bar=interactive,
         callbacks=[progress, *callbacks],
+        plugins=[checkpoint_io] if checkpoint_io else None,
     )
 
 
@@ -288,7 +295,9 @@ def fit(
     tracker, checkpoints, context = callbacks
     # The tracker records an epoch's values before the checkpoint of that epoch is taken, so
     # every checkpoint carries the history up to and including its epoch.
-    trainer = build_trainer(cfg, accelerator, callbacks=[context, tracker, checkpoints])
+    trainer = build_trainer(
+        cfg, accelerator, [context, tracker, checkpoints], checkpoints.checkpoint_io
+    )
     trainer.fit(
         module,
         datamodule=datamodule,

@@ -19,6 +19,7 @@ from typing_extensions import override
 
 from dlharness.config import TrackingConfig
 from dlharness.interruption import StopSignals, TrainingInterrupted
+from dlharness.tracking.checkpoint_io import BackgroundCheckpointIO
 from dlharness.tracking.checkpoints import (
     BEST_EPOCH_TAG,
     CHECKPOINT_FILE,
@@ -42,7 +43,8 @@ class MlflowCheckpoint(L.Callback):
     ``mlflow.pytorch.load_checkpoint(ClassifierModule, run_id, epoch=N)`` loads it. The file
     holds weights, optimizer, scheduler, loop counters, every callback's state and, through
     this callback's state, the RNG states an exact resume needs. The JSON is written after the
-    checkpoint file, so a checkpoint counts as stored only once its JSON exists.
+    checkpoint file, so a checkpoint counts as stored only once its JSON exists. Give the
+    Trainer `checkpoint_io` as a plugin and the files are written on the worker too.
 
     Retention keeps the last `keep_last` stored checkpoints plus the best one by `monitor`.
 
@@ -85,6 +87,8 @@ class MlflowCheckpoint(L.Callback):
         self.monitor = monitor
         self.mode = mode
         self.stop = stop
+        # For the Trainer's plugins: the files are then written on the worker.
+        self.checkpoint_io = BackgroundCheckpointIO(worker)
         self.client = client or SpoolingClient(
             mlflow.get_tracking_uri(), TrackingConfig.spool_dir, run_id
         )
@@ -93,7 +97,8 @@ class MlflowCheckpoint(L.Callback):
         self.stored_epochs: list[int] = []
         self._rng_to_restore: dict[str, Any] | None = None
         self._scratch: Path | None = None
-        # Seconds the training thread spent writing checkpoints (the upload is the worker's).
+        # Seconds the training thread spent in save_checkpoint (a copy of the tensors with
+        # `checkpoint_io`; the write and the upload are then the worker's).
         self.save_seconds = 0.0
         self._upload: Future | None = None
         self._best_copy: Path | None = None
@@ -178,14 +183,14 @@ class MlflowCheckpoint(L.Callback):
         assert self._scratch is not None
         folder = self._scratch / f"epoch_{epoch}"
         folder.mkdir(exist_ok=True)
-        partial, final = folder / f"{CHECKPOINT_FILE}.partial", folder / CHECKPOINT_FILE
-        # Every rank must call save_checkpoint (it synchronises them); only rank 0 writes.
+        partial = folder / f"{CHECKPOINT_FILE}.partial"
+        # Every rank must call save_checkpoint (it synchronises them); only rank 0 writes,
+        # with `checkpoint_io` on the worker, else here.
         start = time.perf_counter()
         trainer.save_checkpoint(partial, weights_only=False)
         self.save_seconds += time.perf_counter() - start
         if not trainer.is_global_zero:
             return
-        os.replace(partial, final)  # a complete file or none, never half of one
         # One upload in flight at most: the low-priority tracking thread may fall behind
         # training, but never by more than this (what a crash can lose, how late a full disk
         # is noticed). Its jobs run in order, so everything queued before is done as well.
@@ -195,7 +200,7 @@ class MlflowCheckpoint(L.Callback):
             "checkpoint upload",
             self._store,
             epoch,
-            final,
+            partial,
             {**record, "epoch": epoch, "global_step": trainer.global_step},
             self.best_epoch,
             doomed,
@@ -229,9 +234,11 @@ class MlflowCheckpoint(L.Callback):
         return [epoch for epoch in self.stored_epochs if epoch not in kept]
 
     def _store(
-        self, epoch: int, path: Path, record: dict[str, Any], best: int | None, doomed: list[int]
+        self, epoch: int, partial: Path, record: dict[str, Any], best: int | None, doomed: list[int]
     ) -> None:
         client = self.client
+        path = partial.with_name(CHECKPOINT_FILE)
+        os.replace(partial, path)  # a complete file or none, never half of one
         record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
         path.with_name(METRICS_FILE).write_text(json.dumps(record))
         try:
