@@ -27,6 +27,7 @@ from dlharness.data import build_datamodule
 from dlharness.data.fingerprint import content_digest
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
+from dlharness.tracking import charts
 from dlharness.tracking.checkpoints import CheckpointError, fetch_checkpoint, file_sha256
 from dlharness.tracking.environment import (
     Environment,
@@ -34,10 +35,11 @@ from dlharness.tracking.environment import (
     collect_environment,
     environment_tags,
 )
+from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
 from dlharness.train import train
 
-from .conftest import DEFAULT_RUN_TAGS, REGISTERED_NAME, REPO, tiny_config
+from .conftest import DEFAULT_RUN_TAGS, REGISTERED_NAME, REPO, artifact_paths, tiny_config
 
 IMAGE_NAME = re.compile(
     r"images/val_confusion_matrix\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png$"
@@ -86,6 +88,35 @@ def test_one_confusion_matrix_image_per_epoch(run):
         if (m := IMAGE_NAME.search(p))
     ]
     assert sorted(steps) == list(range(cfg.trainer.max_epochs))
+
+
+def test_step_images_are_stored_as_mlflows_own_log_image_stores_them(store, tmp_path):
+    """The UI finds step-keyed pictures by MLflow's file names and tag; ours must match."""
+    client = MlflowClient(store)
+    [experiment] = client.search_experiments(filter_string="name = 'tests'")
+    picture = charts.confusion_chart(np.eye(3, dtype=int) * 5, ["a", "b", "c"], "confusion")
+    by_mlflow = client.create_run(experiment.experiment_id).info.run_id
+    client.log_image(by_mlflow, picture, key="val/confusion", step=3)
+    ours = client.create_run(experiment.experiment_id).info.run_id
+    log_step_image(client, ours, picture, "val/confusion", 3)
+    client.set_tag(ours, LOGGED_IMAGES_TAG, "True")
+
+    names = {run: artifact_paths(client, run) for run in (by_mlflow, ours)}
+    assert names[ours] == names[by_mlflow]
+    assert len(names[ours]) == 2
+    assert (
+        client.get_run(ours).data.tags[LOGGED_IMAGES_TAG]
+        == (client.get_run(by_mlflow).data.tags[LOGGED_IMAGES_TAG])
+    )
+    for run in (by_mlflow, ours):
+        folder = Path(client.download_artifacts(run, "images", str(tmp_path / run)))
+        stored = {}
+        for path in folder.iterdir():
+            with Image.open(path) as image:
+                stored[path.suffix] = (image.format, image.size, np.asarray(image.convert("RGB")))
+        assert stored[".png"][:2] == ("PNG", picture.size)
+        assert np.array_equal(stored[".png"][2], np.asarray(picture))
+        assert stored[".webp"][:2] == ("WEBP", (256, 256))
 
 
 # 2. Checkpoints

@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from typing_extensions import override
 
 from dlharness.tracking import charts
+from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
 from dlharness.tracking.worker import TrackingWorker
 
 EPOCH_PREFIXES = ("train/", "val/")
@@ -71,6 +72,7 @@ class EpochTracker(L.Callback):
         self._epoch_confusion: np.ndarray | None = None
         self._logged_steps: dict[str, set[int]] = {}
         self._curves_drawn_at = -math.inf
+        self._images_tagged = False
 
     @property
     @override
@@ -176,7 +178,10 @@ class EpochTracker(L.Callback):
     def _log_confusion(self, epoch: int, matrix: np.ndarray) -> None:
         title = f"Validation confusion matrix, epoch {epoch}"
         image = charts.confusion_chart(matrix, self.class_names, title)
-        self.client.log_image(self.run_id, image, key=CONFUSION_KEY, step=epoch)
+        log_step_image(self.client, self.run_id, image, CONFUSION_KEY, epoch)
+        if not self._images_tagged:
+            self.client.set_tag(self.run_id, LOGGED_IMAGES_TAG, "True")
+            self._images_tagged = True
 
     @override
     def state_dict(self) -> dict[str, Any]:

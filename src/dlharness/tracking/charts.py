@@ -8,6 +8,7 @@ use matplotlib (`plots`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -22,7 +23,9 @@ SIZE = (640, 400)
 MARGINS = (70, 40, 20, 50)
 
 
+@functools.cache
 def _font(size: int) -> ImageFont.ImageFont:
+    # Parsing the bundled font costs about 1 ms a time; a chart asks for a few sizes often.
     return ImageFont.load_default(size=size)
 
 
