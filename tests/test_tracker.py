@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import subprocess
+import threading
 import warnings
 from importlib import metadata
 from pathlib import Path
@@ -28,6 +30,7 @@ from dlharness.data.fingerprint import content_digest
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
 from dlharness.tracking import charts
+from dlharness.tracking.checkpoint_io import BackgroundCheckpointIO
 from dlharness.tracking.checkpoints import CheckpointError, fetch_checkpoint, file_sha256
 from dlharness.tracking.environment import (
     Environment,
@@ -196,6 +199,41 @@ def test_all_checkpoints_kept_when_retention_is_off(store):
     )
     client = MlflowClient(store)
     assert checkpoint_epochs(client, result.run_id) == [0, 1, 2]
+
+
+def test_background_checkpoint_holds_the_state_at_save_time(tmp_path):
+    """The worker writes the file later; training changing the weights meanwhile must not
+    reach it."""
+    worker = TrackingWorker()
+    gate = threading.Event()
+    worker.submit("held", gate.wait)  # the write waits behind this until training moved on
+    net = build_net(
+        {"name": "cnn", "in_channels": 1, "num_classes": 3, "image_size": 8, "width": 4}
+    )
+    optimizer = torch.optim.Adam(net.parameters())
+    net(torch.ones(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    checkpoint = {
+        "state_dict": net.state_dict(),
+        "optimizer_states": [optimizer.state_dict()],
+        "rng": {"python": random.getstate()},  # a tuple of 625 ints, kept as a tuple
+    }
+    saved = {key: value.clone() for key, value in net.state_dict().items()}
+    saved_moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+    BackgroundCheckpointIO(worker).save_checkpoint(checkpoint, tmp_path / "c.pth")
+
+    net(torch.ones(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    gate.set()
+    worker.close()
+    written = torch.load(tmp_path / "c.pth", weights_only=False)
+    assert not all(torch.equal(net.state_dict()[key], value) for key, value in saved.items())
+    for key, value in saved.items():
+        assert torch.equal(written["state_dict"][key], value), key
+    moments = [s["exp_avg"] for s in written["optimizer_states"][0]["state"].values()]
+    assert all(torch.equal(a, b) for a, b in zip(moments, saved_moments, strict=True))
+    assert written["rng"]["python"] == checkpoint["rng"]["python"]
+    assert type(written["state_dict"]) is type(net.state_dict())
 
 
 def test_tampered_checkpoint_is_detected_and_named(store, tmp_path):

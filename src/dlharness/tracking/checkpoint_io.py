@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_utilities.core.apply_func import apply_to_collection
 from typing_extensions import override
 
 from dlharness.tracking.worker import TrackingWorker
 
 
-def _snapshot(tensor: torch.Tensor) -> torch.Tensor:
-    # A copy, in CPU memory: training goes on changing the originals in place.
-    return tensor.detach().to("cpu", copy=True)
+def snapshot(value: Any) -> Any:
+    """`value` with every tensor in it copied to CPU memory (training goes on changing the
+    originals in place), through dicts, lists and tuples, whose types are kept.
+
+    Lightning's `apply_to_collection` does this too, but checks every one of a checkpoint's
+    ≈2 000 objects for dataclasses and more: ≈4 ms per checkpoint on the training thread.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        copied = copy.copy(value)  # keeps OrderedDict, defaultdict, AttributeDict
+        for key, item in value.items():
+            copied[key] = snapshot(item)
+        return copied
+    if isinstance(value, list):
+        return [snapshot(item) for item in value]
+    if isinstance(value, tuple):
+        items = [snapshot(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    return value
 
 
 class BackgroundCheckpointIO(TorchCheckpointIO):
@@ -42,5 +59,4 @@ class BackgroundCheckpointIO(TorchCheckpointIO):
     ) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        snapshot = apply_to_collection(checkpoint, torch.Tensor, _snapshot)
-        self.worker.submit("checkpoint write", torch.save, snapshot, Path(path))
+        self.worker.submit("checkpoint write", torch.save, snapshot(checkpoint), Path(path))
