@@ -78,9 +78,9 @@ class TrainResult:
     onnx_model_uri: str | None
     registered_version: str | None
     module: ClassifierModule
-    # Wall seconds by phase: "fit" (training with its per-epoch tracking, uploads drained),
-    # "checkpoint_save" (on the training thread), "worker/<job>" (on the tracking thread),
-    # and the end-of-run "evaluation", "model", "onnx", "registry".
+    # Seconds by phase: "fit" (training with its per-epoch tracking, uploads drained),
+    # "checkpoint_save" (on the training thread), "worker/<job>" (CPU seconds of the tracking
+    # thread), and the end-of-run "package_index", "evaluation", "model", "onnx", "registry".
     timings: dict[str, float]
     # Where this run's writes wait while the tracking server did not answer; None if it did.
     spooled: Path | None = None
@@ -169,7 +169,6 @@ def finish(
     device: str,
     timings: dict[str, float],
     client: SpoolingClient,
-    package_index: PackageIndex,
 ) -> TrainResult:
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
     run_id = run.info.run_id
@@ -193,9 +192,7 @@ def finish(
     model_uri = onnx_uri = registered = None
     if not client.offline:
         try:
-            model_uri, onnx_uri, registered = _log_models(
-                cfg, module, example_batch, timings, package_index
-            )
+            model_uri, onnx_uri, registered = _log_models(cfg, module, example_batch, timings)
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
@@ -226,10 +223,8 @@ def _log_models(
     module: ClassifierModule,
     example_batch: torch.Tensor,
     timings: dict,
-    package_index: PackageIndex,
 ) -> tuple[str, str | None, str | None]:
     started = time.perf_counter()
-    package_index.install()
     model_info = log_network(module.net, example_batch)
     timings["model"] = time.perf_counter() - started
     started = time.perf_counter()
@@ -346,6 +341,11 @@ def _quiet_irrelevant_warnings() -> None:
     warnings.filterwarnings("ignore", ".*treespec, LeafSpec.*")
 
 
+def _reopens(resume: ResumePoint | None) -> bool:
+    """Whether training continues in the resumed run itself (not in a fork, nor a new run)."""
+    return resume is not None and not resume.fork
+
+
 def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
@@ -360,7 +360,7 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule)
     set_experiment(uri, cfg.tracking.experiment)
-    reopen = resume is not None and not resume.fork
+    reopen = _reopens(resume)
     # Autolog logs the optimizer's params, the epoch count and the model summary; the epoch
     # tracker logs the epochs, MlflowCheckpoint the checkpoints, `finish` the model.
     mlflow.pytorch.autolog(
@@ -409,7 +409,7 @@ def _tracked_training(
     run: Run,
     stop: StopSignals | None,
 ) -> TrainResult:
-    reopen = resume is not None and not resume.fork
+    reopen = _reopens(resume)
     log_config(cfg, run.data.params if reopen else None)
     mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
     run_id = run.info.run_id
@@ -442,11 +442,12 @@ def _tracked_training(
             "checkpoint_save": checkpoints.save_seconds,
             **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
         }
+        started = time.perf_counter()
+        package_index.install()  # before the first model log of this process
+        timings["package_index"] = time.perf_counter() - started
         device = TORCH_DEVICES[accelerator]
         try:
-            return finish(
-                cfg, module, datamodule, checkpoints, run, device, timings, client, package_index
-            )
+            return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
         except OSError as exc:
             failure = as_storage_error("logging the evaluation and the model", exc)
             if failure is None:
