@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -24,9 +25,25 @@ def store_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
+# An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes
+# about 2 s a store here, copying the file 0.06 s. Tests of creating a store start from none.
+_EMPTY_STORE: list[Path] = []
+
+
+def empty_store(folder: Path) -> str:
+    """A fresh, empty SQLite store in `folder` (a copy of one MLflow created this session)."""
+    if not _EMPTY_STORE:
+        template = Path(tempfile.mkdtemp(prefix="pytest-empty-store-")) / "mlflow.db"
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+        _EMPTY_STORE.append(template)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], folder / "mlflow.db")
+    return store_uri(folder)
+
+
 def make_store(folder: Path, experiment: str = "tests") -> str:
     """A fresh SQLite store whose experiment keeps its artifacts inside `folder`."""
-    uri = store_uri(folder)
+    uri = empty_store(folder)
     MlflowClient(uri).create_experiment(
         experiment, artifact_location=(folder / "artifacts").as_uri()
     )
@@ -107,6 +124,8 @@ def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         del os.environ[CACHE_DIR_ENV]
     else:
         os.environ[CACHE_DIR_ENV] = previous
+    for template in _EMPTY_STORE:
+        shutil.rmtree(template.parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ from dlharness.compare import main as compare_main
 from dlharness.distributed import is_launch_leader
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import PYTHON, REPO, assert_nothing_running, cli_env
+from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, empty_store
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 # 270 validation samples split evenly between 2 ranks: no sample is padded in twice, so the
@@ -45,7 +45,7 @@ def scratch_folders() -> set[Path]:
 
 @pytest.mark.slow
 def test_ddp_trains_one_run_with_reduced_metrics_and_resumes(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path)
     (tmp_path / "ddp.yaml").write_text(DDP_YAML)
     scratch_before = scratch_folders()
 

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.cli import main
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
-from .conftest import store_uri
+from .conftest import empty_store
 
 FAULT_YAML = """
 data: {batch_size: 64}
@@ -49,7 +49,7 @@ def tmpfs(folder: Path, size: str):
 
 
 def fault_lab(tmp_path: Path, artifacts: Path) -> tuple[str, Path]:
-    uri = store_uri(tmp_path)
+    uri = empty_store(tmp_path)
     MlflowClient(uri).create_experiment("faults", artifact_location=artifacts.as_uri())
     config = tmp_path / "faults.yaml"
     config.write_text(FAULT_YAML)

@@ -23,7 +23,7 @@ from dlharness.sync import main as sync_main
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.train import train
 
-from .conftest import artifact_paths, epoch_histories
+from .conftest import artifact_paths, empty_store, epoch_histories
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 OUTAGE_YAML = """
@@ -52,7 +52,7 @@ def reference(tmp_path_factory) -> tuple[str, str, Path]:
     folder = tmp_path_factory.mktemp("outage-reference")
     config = folder / "outage.yaml"
     config.write_text(OUTAGE_YAML)
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    uri = empty_store(folder)
     return uri, train(load_config(config, {"tracking.tracking_uri": uri})).run_id, config
 
 

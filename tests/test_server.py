@@ -24,7 +24,7 @@ from dlharness.compare import main as compare_main
 from dlharness.server import running_server
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
-from .conftest import PYTHON, REPO, artifact_paths, cli_env, epoch_histories
+from .conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories
 from .test_concurrency import integrity, train_concurrently
 
 POSTGRES_URI = os.environ.get("DLHARNESS_TEST_POSTGRES_URI") or None
@@ -102,7 +102,7 @@ def config_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def local_reference(config_file, tmp_path_factory) -> tuple[str, str]:
     """(store URI, run id): the same training and resume against a local SQLite file."""
-    uri = f"sqlite:///{tmp_path_factory.mktemp('local') / 'mlflow.db'}"
+    uri = empty_store(tmp_path_factory.mktemp("local"))
     return uri, train_then_resume(config_file, uri)
 
 

@@ -42,7 +42,14 @@ from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
 from dlharness.train import train
 
-from .conftest import DEFAULT_RUN_TAGS, REGISTERED_NAME, REPO, artifact_paths, tiny_config
+from .conftest import (
+    DEFAULT_RUN_TAGS,
+    REGISTERED_NAME,
+    REPO,
+    artifact_paths,
+    empty_store,
+    tiny_config,
+)
 
 IMAGE_NAME = re.compile(
     r"images/val_confusion_matrix\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png$"
@@ -465,7 +472,7 @@ def test_tracking_failures_warn_and_training_finishes(tmp_path):
     """Artifacts go under a regular file, so every upload fails for real; metrics still land."""
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path)
     client = MlflowClient(uri)
     experiment = client.create_experiment(
         "broken", artifact_location=(blocker / "artifacts").as_uri()

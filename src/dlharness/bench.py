@@ -378,12 +378,14 @@ def measure(
 
 def print_report(results: dict[str, Any]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     console = Console()
     for name, result in results["workloads"].items():
         epochs, repeats = result["workload"]["epochs"], result["repeats"]
-        table = Table(title=f"{name}: {epochs} epochs, {repeats} runs each (median [min–max])")
+        title = f"{name}: {epochs} epochs, {repeats} runs each (median [min–max])"
+        table = Table(title=escape(title))  # brackets are rich markup otherwise
         for column in ("variant", "fit s", "images/s", "peak RSS MB"):
             table.add_column(column, justify="right")
         for variant, label in VARIANTS.items():
@@ -413,11 +415,12 @@ def print_report(results: dict[str, Any]) -> None:
             )
             console.print(f"  tracking per epoch (ms): {parts}")
             end = {k: v["median"] for k, v in c.items() if k.startswith("end_of_run_s")}
-            console.print(
-                f"  end of run: {end['end_of_run_s']:.2f} s (evaluation "
-                f"{end['end_of_run_s/evaluation']:.2f}, model {end['end_of_run_s/model']:.2f}, "
-                f"ONNX {end['end_of_run_s/onnx']:.2f})"
+            parts = ", ".join(
+                f"{key.split('/')[1]} {value:.2f}"
+                for key, value in end.items()
+                if key.startswith("end_of_run_s/")
             )
+            console.print(f"  end of run: {end['end_of_run_s']:.2f} s ({parts})")
         for check, ok in result["within_budget"].items():
             console.print(
                 f"  {check}: {'within' if ok else 'OVER'} budget ({result['budget'][check]})"

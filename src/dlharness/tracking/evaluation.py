@@ -21,7 +21,7 @@ from sklearn.metrics import (
 from torch.utils.data import DataLoader
 
 from dlharness.models.classifier import ClassifierModule, classification_metrics
-from dlharness.tracking import charts, plots
+from dlharness.tracking import charts
 
 # Misclassified test images shown in evaluation/misclassified.png.
 MISCLASSIFIED_SHOWN = 32
@@ -154,8 +154,10 @@ def log_evaluation(
         charts.confusion_chart(matrix, class_names, f"Test confusion matrix (epoch {epoch})"),
         artifact_file="evaluation/confusion_matrix.png",
     )
-    client.log_figure(
-        run_id, plots.roc_figure(roc_curves(evaluation, class_names)), "evaluation/roc_curves.png"
+    client.log_image(
+        run_id,
+        charts.roc_chart(roc_curves(evaluation, class_names)),
+        artifact_file="evaluation/roc_curves.png",
     )
     client.log_table(
         run_id, per_class_table(evaluation, class_names), "evaluation/per_class_metrics.json"

@@ -76,8 +76,9 @@ def log_network(net: nn.Module, example_batch: torch.Tensor, name: str = "model"
         )
 
 
-def to_onnx(net: nn.Module, example_batch: torch.Tensor) -> onnx.ModelProto:
-    """Export with a dynamic batch axis; input ``images``, output ``logits``."""
+def to_onnx(cpu_net: nn.Module, example_batch: torch.Tensor) -> onnx.ModelProto:
+    """Export `cpu_net` (a `_cpu_copy`) with a dynamic batch axis; input ``images``, output
+    ``logits``."""
     example = example_batch[:1].detach().to("cpu", torch.float32)
     stream = io.BytesIO()
     with warnings.catch_warnings():
@@ -85,7 +86,7 @@ def to_onnx(net: nn.Module, example_batch: torch.Tensor) -> onnx.ModelProto:
         # per export here against 0.2 s; for these convolutional nets both give one graph.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            _cpu_copy(net),
+            cpu_net,
             (example,),
             stream,
             dynamo=False,
@@ -98,10 +99,11 @@ def to_onnx(net: nn.Module, example_batch: torch.Tensor) -> onnx.ModelProto:
 
 def log_onnx(net: nn.Module, example_batch: torch.Tensor, name: str = "model_onnx") -> ModelInfo:
     example = example_batch[:4].detach().to("cpu", torch.float32).numpy()
+    cpu_net = _cpu_copy(net)
     with torch.no_grad():
-        outputs = _cpu_copy(net)(torch.from_numpy(example)).numpy()
+        outputs = cpu_net(torch.from_numpy(example)).numpy()
     return mlflow.onnx.log_model(
-        to_onnx(net, example_batch),
+        to_onnx(cpu_net, example_batch),
         name=name,
         signature=infer_signature(example, outputs),
         input_example=example,
