@@ -7,7 +7,8 @@
     bare Lightning, for reference.
 
 Each variant runs in a fresh process (no warm imports, patches or thread pools carried over),
-the variants interleaved, each several times; the table shows median, min and max. The ratios
+the variants interleaved, each several times, each round starting with the next variant; the
+table shows median, min and max. The ratios
 compare the training phase (`fit`, including the per-epoch tracking and draining its uploads);
 dlharness's end-of-run work (evaluation, model, ONNX) is reported on its own.
 """
@@ -323,8 +324,12 @@ def measure(
 ) -> dict[str, Any]:
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="dlharness-bench-") as scratch:
-        for _ in range(repeats):
-            for variant in variants:  # interleaved, so drift hits every variant alike
+        for round_ in range(repeats):
+            # Interleaved, so drift hits every variant alike, and each round starts with the
+            # next variant, so that no variant always runs in the same place (after (d), the
+            # longest, or first after a pause).
+            shift = round_ % len(variants)
+            for variant in variants[shift:] + variants[:shift]:
                 if in_process:
                     measured = worker(variant, work, device, Path(scratch))
                 else:
