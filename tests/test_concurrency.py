@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness.cli import main
@@ -31,6 +32,9 @@ def _train_at_the_barrier(barrier, argv: list[str], log_path: str) -> None:
     """One training process: wait for the others, then run the real CLI."""
     for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
         del os.environ[name]
+    # One torch thread each, as torchrun gives every process: four processes of two spinning
+    # OpenMP threads on two cores spend their time waiting on each other.
+    torch.set_num_threads(1)
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
