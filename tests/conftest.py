@@ -124,6 +124,11 @@ def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         del os.environ[CACHE_DIR_ENV]
     else:
         os.environ[CACHE_DIR_ENV] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_empty_store():
+    yield
     for template in _EMPTY_STORE:
         shutil.rmtree(template.parent, ignore_errors=True)
 

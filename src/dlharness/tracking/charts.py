@@ -80,11 +80,10 @@ def line_chart(
     draw.text(((left + right) / 2, SIZE[1] - 8), x_label, fill="black", font=small, anchor="mb")
     if diagonal:  # dashed, from the lower left corner to the upper right, in 50 dashes
         for i in range(0, 100, 2):
-            start, end = i / 100, (i + 1) / 100
             draw.line(
                 [
-                    to_xy(x_low + (x_high - x_low) * start, y_low + (y_high - y_low) * start),
-                    to_xy(x_low + (x_high - x_low) * end, y_low + (y_high - y_low) * end),
+                    (left + (right - left) * f, bottom - (bottom - top) * f)
+                    for f in (i / 100, (i + 1) / 100)
                 ],
                 fill="grey",
             )
@@ -96,8 +95,10 @@ def line_chart(
         if markers:
             for x, y in xy:
                 draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=color)
-        row = index - len(series) if legend_below else index
-        legend_y = (bottom - 10 + 18 * (row + 1)) if legend_below else top + 10 + 18 * row
+        if legend_below:  # stacked up from the lower right corner, the last entry lowest
+            legend_y = bottom - 10 - 18 * (len(series) - 1 - index)
+        else:
+            legend_y = top + 10 + 18 * index
         draw.line([(right - 170, legend_y), (right - 145, legend_y)], fill=color, width=3)
         draw.text((right - 138, legend_y), name, fill="black", font=small, anchor="lm")
     return image
