@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.server import main
+from dlharness.app.server import main
 
 if __name__ == "__main__":
     sys.exit(main())

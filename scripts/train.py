@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.cli import main
+from dlharness.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ import pytest
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from dlharness.config import TrainConfig, load_config
+from dlharness.app.config import TrainConfig, load_config
 from dlharness.tracking.installed_packages import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -170,7 +170,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
         "tracking.register_model": REGISTERED_NAME,
     }
     cfg = load_config(REPO / "configs" / "default.yaml", overrides)
-    from dlharness.train import train
+    from dlharness.app.train import train
 
     scratch_before = set(Path(tempfile.gettempdir()).glob("dlharness-*"))
     previous = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")

@@ -11,7 +11,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import FLAGS, build_parser, main
+from dlharness.app.cli import FLAGS, build_parser, main
 
 from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
 

@@ -5,15 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlharness.config import (
+from dlharness.app.config import (
     DATASETS,
     TrainConfig,
-    flatten,
     load_config,
     parse_devices,
 )
 from dlharness.data import DATAMODULES
 from dlharness.errors import UsageError
+from dlharness.tracking.params import flatten
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

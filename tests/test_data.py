@@ -6,8 +6,8 @@ import pickle
 import pytest
 import torch
 
-from dlharness.config import DataConfig
-from dlharness.data import build_datamodule
+from dlharness.app.components import build_datamodule
+from dlharness.app.config import DataConfig
 from dlharness.errors import UsageError
 
 from .datafiles import write_cifar10, write_image_folder, write_mnist

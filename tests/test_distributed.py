@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlharness.compare import main as compare_main
-from dlharness.distributed import is_launch_leader
+from dlharness.app.compare import main as compare_main
+from dlharness.app.distributed import is_launch_leader
 from dlharness.tracking.checkpoints import stored_epochs
 
 from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, empty_store

@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import main
+from dlharness.app.cli import main
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
 from .conftest import empty_store

@@ -13,8 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import main
-from dlharness.train import train
+from dlharness.app.cli import main
+from dlharness.app.train import train
 
 from .conftest import PYTHON, REPO, cli_env, tiny_config
 

@@ -94,9 +94,8 @@ def test_checkpoint_rebuilds_the_network_without_arguments(tmp_path):
 
 def test_every_fit_of_a_module_reports_its_epoch_metrics(tmp_path):
     """Metric objects are handed to Lightning once per epoch; a second fit starts at epoch 0."""
-    from dlharness.config import load_config
-    from dlharness.data import build_datamodule
-    from dlharness.train import build_module
+    from dlharness.app.components import build_datamodule, build_module
+    from dlharness.app.config import load_config
 
     cfg = load_config(None, {"model.width": 8, "data.batch_size": 128})
     datamodule = build_datamodule(cfg.data, cfg.seed)

@@ -11,17 +11,26 @@ import threading
 import time
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import main as train_main
-from dlharness.config import load_config
-from dlharness.server import free_port, server_command, server_env, stop_server, wait_until_healthy
-from dlharness.sync import main as sync_main
+from dlharness import MlflowTracking
+from dlharness.app.cli import main as train_main
+from dlharness.app.config import load_config
+from dlharness.app.server import (
+    free_port,
+    server_command,
+    server_env,
+    stop_server,
+    wait_until_healthy,
+)
+from dlharness.app.sync import main as sync_main
+from dlharness.app.train import train
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
-from dlharness.train import train
+from dlharness.tracking.spool import SpoolWarning
 
 from .conftest import artifact_paths, empty_store, epoch_histories
 
@@ -116,5 +125,66 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
 
         assert sync_main([str(spool)]) == 0
         assert "already replayed" in capsys.readouterr().out
+    finally:
+        stop_server(server)
+
+
+class KillServerAtEpoch(L.Callback):
+    """SIGKILLs the server once epoch `epoch - 1`'s checkpoint is stored on it: the outage falls
+    at the same point of training however fast the machine is."""
+
+    def __init__(self, server: subprocess.Popen, artifacts: Path, epoch: int) -> None:
+        self.server, self.artifacts, self.epoch = server, artifacts, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        record = f"*/*/artifacts/checkpoints/epoch_{self.epoch - 1}/checkpoint_metrics.json"
+        deadline = time.monotonic() + 60
+        while not list(self.artifacts.glob(record)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.wait()
+
+
+@pytest.mark.slow
+def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_completes_it(
+    tmp_path, monkeypatch, capsys
+):
+    from .test_mlflow_tracking import EXTERNAL_KEYS, ExternalData, ExternalModule
+
+    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
+    # A dead server is noticed at the first write (MLflow's defaults retry for minutes).
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    tracking = MlflowTracking(tracking_uri=url, experiment_name="own", system_metrics=False)
+    trainer = L.Trainer(
+        max_epochs=4,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=[KillServerAtEpoch(server, tmp_path / "artifacts", 2), tracking],
+    )
+    with pytest.warns(SpoolWarning):
+        trainer.fit(ExternalModule(), datamodule=ExternalData())
+    run_id = tracking.run.run_id
+    spool = tmp_path / "mlflow-spool" / run_id
+    assert (spool / "journal.jsonl").is_file()
+
+    server = start_server(tmp_path, port)  # the same backend and artifact folder
+    try:
+        client = MlflowClient(url)
+        assert client.get_run(run_id).info.status == "RUNNING"  # its end is in the spool too
+        assert sync_main([str(spool)]) == 0
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        for key in EXTERNAL_KEYS:
+            assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2, 3]
+        assert stored_epochs(client, run_id) == [0, 1, 2, 3]
+        assert run.data.tags[LATEST_CHECKPOINT_TAG] == "checkpoints/epoch_3/checkpoint.pth"
+        assert "plots/loss_curves.png" in artifact_paths(client, run_id)
     finally:
         stop_server(server)

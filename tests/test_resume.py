@@ -18,18 +18,18 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import main
-from dlharness.config import load_config
-from dlharness.interruption import TrainingInterrupted
+from dlharness.app.cli import main
+from dlharness.app.config import load_config
+from dlharness.app.resume import parse_target, prepare_resume
+from dlharness.app.train import train
 from dlharness.models.classifier import ClassifierModule
-from dlharness.resume import parse_target, prepare_resume
 from dlharness.tracking.checkpoints import (
     checkpoint_metadata,
     fetch_checkpoint,
     file_sha256,
     stored_epochs,
 )
-from dlharness.train import train
+from dlharness.tracking.interruption import TrainingInterrupted
 
 from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store
 
@@ -146,7 +146,7 @@ def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path, caps
     assert_one_value_per_epoch(client, first.run_id)
     assert_same_training(client, first.run_id, references["none"], tmp_path)
     final = torch.load(fetch_checkpoint(client, first.run_id, 5, tmp_path / "c"), weights_only=True)
-    assert sorted(final["callbacks"]["EpochTracker"]["history"]) == list(range(EPOCHS))
+    assert sorted(final["callbacks"]["MlflowTracking"]["history"]) == list(range(EPOCHS))
     # 6. The resumed run's checkpoints still load with MLflow's own loader.
     module = mlflow.pytorch.load_checkpoint(ClassifierModule, first.run_id, epoch=5)
     assert torch.equal(

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.redaction import REDACTED, redact_uri
-from dlharness.train import train
+from dlharness.app.train import train
+from dlharness.tracking.redaction import REDACTED, redact_uri
 
 from .conftest import tiny_config
 

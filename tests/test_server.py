@@ -19,9 +19,9 @@ import requests
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.cli import main as train_main
-from dlharness.compare import main as compare_main
-from dlharness.server import running_server
+from dlharness.app.cli import main as train_main
+from dlharness.app.compare import main as compare_main
+from dlharness.app.server import running_server
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
 from .conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories

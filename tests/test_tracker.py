@@ -19,13 +19,14 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from lightning.fabric.plugins import TorchCheckpointIO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.callbacks.epoch_tracker import EpochTracker
-from dlharness.callbacks.mlflow_checkpoint import MlflowCheckpoint
-from dlharness.config import DataConfig
-from dlharness.data import build_datamodule
+from dlharness.app.components import build_datamodule
+from dlharness.app.config import DataConfig
+from dlharness.app.train import train
+from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data.fingerprint import content_digest
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
@@ -40,7 +41,6 @@ from dlharness.tracking.environment import (
 )
 from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
-from dlharness.train import train
 
 from .conftest import (
     DEFAULT_RUN_TAGS,
@@ -183,9 +183,9 @@ def test_checkpoint_is_complete_for_an_exact_resume(run, tmp_path):
     assert state["optimizer_states"] and state["lr_schedulers"]
     assert "fit_loop" in state["loops"]
     callbacks = state["callbacks"]
-    rng = callbacks["MlflowCheckpoint"]["rng"]
+    rng = callbacks["MlflowTracking"]["rng"]
     assert {"torch", "numpy", "python"} <= set(rng)
-    assert sorted(callbacks["EpochTracker"]["history"]) == list(range(epoch + 1))
+    assert sorted(callbacks["MlflowTracking"]["history"]) == list(range(epoch + 1))
     assert "shuffle_generator" in state["DigitsDataModule"]
 
 
@@ -210,30 +210,37 @@ def test_all_checkpoints_kept_when_retention_is_off(store):
 
 def test_background_checkpoint_holds_the_state_at_save_time(tmp_path):
     """The worker writes the file later; training changing the weights meanwhile must not
-    reach it."""
+    reach it. A save elsewhere (a user's own ModelCheckpoint) is written at once, as before."""
     worker = TrackingWorker()
     gate = threading.Event()
     worker.submit("held", gate.wait)  # the write waits behind this until training moved on
-    net = build_net(
-        {"name": "cnn", "in_channels": 1, "num_classes": 3, "image_size": 8, "width": 4}
-    )
-    optimizer = torch.optim.Adam(net.parameters())
-    net(torch.ones(2, 1, 8, 8)).sum().backward()
-    optimizer.step()
-    checkpoint = {
-        "state_dict": net.state_dict(),
-        "optimizer_states": [optimizer.state_dict()],
-        "rng": {"python": random.getstate()},  # a tuple of 625 ints, kept as a tuple
-    }
-    saved = {key: value.clone() for key, value in net.state_dict().items()}
-    saved_moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
-    BackgroundCheckpointIO(worker).save_checkpoint(checkpoint, tmp_path / "c.pth")
+    try:
+        net = build_net(
+            {"name": "cnn", "in_channels": 1, "num_classes": 3, "image_size": 8, "width": 4}
+        )
+        optimizer = torch.optim.Adam(net.parameters())
+        net(torch.ones(2, 1, 8, 8)).sum().backward()
+        optimizer.step()
+        checkpoint = {
+            "state_dict": net.state_dict(),
+            "optimizer_states": [optimizer.state_dict()],
+            "rng": {"python": random.getstate()},  # a tuple of 625 ints, kept as a tuple
+        }
+        saved = {key: value.clone() for key, value in net.state_dict().items()}
+        saved_moments = [s["exp_avg"].clone() for s in optimizer.state.values()]
+        (tmp_path / "ours").mkdir()
+        io = BackgroundCheckpointIO(worker, TorchCheckpointIO(), tmp_path / "ours")
+        io.save_checkpoint(checkpoint, tmp_path / "ours" / "c.pth")
+        io.save_checkpoint(checkpoint, tmp_path / "elsewhere.ckpt")
+        assert (tmp_path / "elsewhere.ckpt").is_file()
+        assert not (tmp_path / "ours" / "c.pth").exists()
 
-    net(torch.ones(2, 1, 8, 8)).sum().backward()
-    optimizer.step()
-    gate.set()
-    worker.close()
-    written = torch.load(tmp_path / "c.pth", weights_only=False)
+        net(torch.ones(2, 1, 8, 8)).sum().backward()
+        optimizer.step()
+    finally:
+        gate.set()
+        worker.close()
+    written = torch.load(tmp_path / "ours" / "c.pth", weights_only=False)
     assert not all(torch.equal(net.state_dict()[key], value) for key, value in saved.items())
     for key, value in saved.items():
         assert torch.equal(written["state_dict"][key], value), key
@@ -477,8 +484,6 @@ def test_tracking_failures_warn_and_training_finishes(tmp_path):
     experiment = client.create_experiment(
         "broken", artifact_location=(blocker / "artifacts").as_uri()
     )
-    run_id = client.create_run(experiment).info.run_id
-    mlflow.set_tracking_uri(uri)
     datamodule = build_datamodule(DataConfig(batch_size=256), seed=0)
     spec = {
         "name": "cnn",
@@ -489,23 +494,20 @@ def test_tracking_failures_warn_and_training_finishes(tmp_path):
         "dropout": 0.0,
     }
     module = ClassifierModule(build_net(spec), net_spec=spec)
-    worker = TrackingWorker()
-    callbacks = [
-        EpochTracker(worker, run_id, datamodule.info.class_names),
-        MlflowCheckpoint(worker, run_id),
-    ]
+    tracking = MlflowTracking(
+        tracking_uri=uri, class_names=datamodule.info.class_names, system_metrics=False
+    )
     trainer = L.Trainer(
         max_epochs=2,
         accelerator="cpu",
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=False,
-        callbacks=callbacks,
+        callbacks=[tracking],
     )
-    with warnings.catch_warnings(record=True) as caught:
+    mlflow.set_tracking_uri(uri)
+    with warnings.catch_warnings(record=True) as caught, mlflow.start_run(experiment_id=experiment):
         warnings.simplefilter("always")
         trainer.fit(module, datamodule=datamodule)
-        worker.close()
     assert trainer.state.finished and trainer.current_epoch == 2
     messages = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
     assert any("checkpoint upload failed" in m for m in messages)
@@ -513,4 +515,5 @@ def test_tracking_failures_warn_and_training_finishes(tmp_path):
     assert len([m for m in messages if "checkpoint upload" in m]) == 1, (
         "reported once, not per epoch"
     )
+    run_id = tracking.run.run_id
     assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [0, 1]

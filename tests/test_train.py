@@ -11,8 +11,9 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.config import flatten, load_config
-from dlharness.train import build_trainer, train
+from dlharness.app.config import load_config
+from dlharness.app.train import build_trainer, train
+from dlharness.tracking.params import flatten
 
 from .conftest import assert_nothing_running, tiny_config
 from .datafiles import write_image_folder

@@ -1,3 +1,59 @@
-"""dlharness: a PyTorch Lightning training harness whose every epoch is tracked in MLflow."""
+"""dlharness: a PyTorch Lightning training harness whose every epoch is tracked in MLflow.
+
+The library: `MlflowTracking`, one callback that tracks any Lightning fit in MLflow, and
+`checkpoint_path`, a run's stored checkpoint as a verified local file to resume from. The
+harness built on them: `train(load_config(...))`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# Imported on first use: torch, Lightning and MLflow take seconds to import, and the CLIs'
+# --help and config errors answer without them.
+_EXPORTS = {
+    "MlflowTracking": "dlharness.callbacks.mlflow_tracking",
+    "checkpoint_path": "dlharness.tracking.checkpoints",
+    "CheckpointError": "dlharness.tracking.checkpoints",
+    "TrackingWarning": "dlharness.tracking.worker",
+    "TrainingInterrupted": "dlharness.tracking.interruption",
+    "train": "dlharness.app.train",
+    "TrainResult": "dlharness.app.train",
+    "load_config": "dlharness.app.config",
+    "TrainConfig": "dlharness.app.config",
+}
+__all__ = [
+    "CheckpointError",
+    "MlflowTracking",
+    "TrackingWarning",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingInterrupted",
+    "__version__",
+    "checkpoint_path",
+    "load_config",
+    "train",
+]
+
+if TYPE_CHECKING:
+    from dlharness.app.config import TrainConfig, load_config
+    from dlharness.app.train import TrainResult, train
+    from dlharness.callbacks.mlflow_tracking import MlflowTracking
+    from dlharness.tracking.checkpoints import CheckpointError, checkpoint_path
+    from dlharness.tracking.interruption import TrainingInterrupted
+    from dlharness.tracking.worker import TrackingWarning
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dlharness' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,8 +1,7 @@
-"""DataModules, one per data source, chosen by `data.dataset`."""
+"""DataModules, one per data source, by name."""
 
 from __future__ import annotations
 
-from dlharness.config import DataConfig
 from dlharness.data.base import ClassificationDataModule, DataInfo
 from dlharness.data.digits import DigitsDataModule
 from dlharness.data.imagefolder import ImageFolderDataModule
@@ -13,16 +12,14 @@ from dlharness.data.torchvision_sets import (
 )
 
 DATAMODULES: dict[str, type[ClassificationDataModule]] = {
-    "digits": DigitsDataModule,
-    "mnist": MNISTDataModule,
-    "fashion_mnist": FashionMNISTDataModule,
-    "cifar10": CIFAR10DataModule,
-    "imagefolder": ImageFolderDataModule,
+    module.name: module
+    for module in (
+        DigitsDataModule,
+        MNISTDataModule,
+        FashionMNISTDataModule,
+        CIFAR10DataModule,
+        ImageFolderDataModule,
+    )
 }
 
-
-def build_datamodule(cfg: DataConfig, seed: int) -> ClassificationDataModule:
-    return DATAMODULES[cfg.dataset](cfg, seed)
-
-
-__all__ = ["DATAMODULES", "ClassificationDataModule", "DataInfo", "build_datamodule"]
+__all__ = ["DATAMODULES", "ClassificationDataModule", "DataInfo"]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torchvision.transforms import v2
-
-from dlharness.config import DataConfig
 
 
 @dataclass(frozen=True)
@@ -110,11 +108,45 @@ class ClassificationDataModule(L.LightningDataModule):
     The shuffling generator's state, and the position inside an interrupted epoch, are part
     of `state_dict`, so a resumed run sees the same batches in the same order as an
     uninterrupted one.
+
+    Args:
+        data_dir: Root of the files (torchvision sets live in sub-folders), or the image folder.
+        batch_size: Samples per batch.
+        num_workers: Data-loader worker processes.
+        val_fraction: Share of the whole set for validation (of the official training split
+            for sets with a fixed test split).
+        test_fraction: Share of the whole set for testing; unused with a fixed test split.
+        image_size: Square side in pixels images are resized to; None keeps the set's own.
+        on_device: Hold every split as two tensors on the training device (read and
+            transformed once): a batch is then one indexing op.
+        download: Whether `prepare_data` may download missing files.
+        seed: Seeds the split and the shuffling.
     """
 
-    def __init__(self, cfg: DataConfig, seed: int) -> None:
+    name: ClassVar[str]
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 0,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        image_size: int | None = None,
+        on_device: bool = False,
+        download: bool = False,
+        seed: int = 42,
+    ) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.image_size = image_size
+        self.on_device = on_device
+        self.download = download
         self.seed = seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -136,7 +168,7 @@ class ClassificationDataModule(L.LightningDataModule):
     @property
     def source(self) -> str:
         """Where the data comes from, for the run's dataset records."""
-        return self.cfg.data_dir
+        return self.data_dir
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -144,9 +176,9 @@ class ClassificationDataModule(L.LightningDataModule):
         pool, fixed_test = self.load()
         split_generator = torch.Generator().manual_seed(self.seed)
         n = len(pool)
-        n_val = max(1, round(n * self.cfg.val_fraction))
+        n_val = max(1, round(n * self.val_fraction))
         if fixed_test is None:
-            n_test = max(1, round(n * self.cfg.test_fraction))
+            n_test = max(1, round(n * self.test_fraction))
             n_train = n - n_val - n_test
             self.train_set, self.val_set, self.test_set = random_split(
                 pool, [n_train, n_val, n_test], generator=split_generator
@@ -176,16 +208,16 @@ class ClassificationDataModule(L.LightningDataModule):
         # The loader draws its workers' base seed from this generator too; with the global
         # one it would shift the dropout draws between a run and its resumption.
         generator = self.shuffle_generator if sampler is not None else None
-        size = self.cfg.batch_size
-        if self.cfg.on_device:
+        size = self.batch_size
+        if self.on_device:
             key = (split, self.device)
             if key not in self._stacked:
-                self._stacked[key] = stack_split(dataset, self.cfg.num_workers, self.device)
+                self._stacked[key] = stack_split(dataset, self.num_workers, self.device)
             return DataLoader(
                 self._stacked[key], size, sampler=sampler, generator=generator,
                 collate_fn=batch_as_is,
             )  # fmt: skip
-        workers = self.cfg.num_workers
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=size,
@@ -224,7 +256,7 @@ class ClassificationDataModule(L.LightningDataModule):
         sampler = self.train_sampler
         if done and sampler is not None and sampler.epoch_state is not None:
             state["epoch_order"] = sampler.epoch_state
-            state["samples_done"] = done * self.cfg.batch_size
+            state["samples_done"] = done * self.batch_size
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

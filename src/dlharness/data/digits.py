@@ -13,12 +13,14 @@ _MAX_PIXEL = 16
 
 
 class DigitsDataModule(ClassificationDataModule):
+    name = "digits"
+
     @property
     def info(self) -> DataInfo:
         return DataInfo(
             num_classes=10,
             in_channels=1,
-            image_size=self.cfg.image_size or 8,
+            image_size=self.image_size or 8,
             class_names=tuple(str(d) for d in range(10)),
         )
 
@@ -33,6 +35,6 @@ class DigitsDataModule(ClassificationDataModule):
         mean = images.float().div(255).mean().item()
         std = images.float().div(255).std().item()
         # 1797 images of 8×8: transforming them all once is cheaper than per sample each epoch.
-        transform = image_transform((mean,), (std,), self.cfg.image_size)
+        transform = image_transform((mean,), (std,), self.image_size)
         features = transform(images)
         return TensorDataset(features, torch.from_numpy(bunch.target).long()), None

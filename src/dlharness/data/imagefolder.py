@@ -16,9 +16,11 @@ DEFAULT_IMAGE_SIZE = 32
 
 
 class ImageFolderDataModule(ClassificationDataModule):
+    name = "imagefolder"
+
     @cached_property
     def classes(self) -> tuple[str, ...]:
-        root = Path(self.cfg.data_dir)
+        root = Path(self.data_dir)
         if not root.is_dir():
             raise UsageError(
                 f"image folder {root} does not exist; pass --data-dir with one sub-folder per class"
@@ -39,13 +41,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         return DataInfo(
             num_classes=len(self.classes),
             in_channels=3,
-            image_size=self.cfg.image_size or DEFAULT_IMAGE_SIZE,
+            image_size=self.image_size or DEFAULT_IMAGE_SIZE,
             class_names=self.classes,
         )
 
     @property
     def source(self) -> str:
-        return str(Path(self.cfg.data_dir).resolve())
+        return str(Path(self.data_dir).resolve())
 
     def prepare_data(self) -> None:
         # Reading the class list checks the folder; the images themselves are read in `load`.
@@ -54,12 +56,12 @@ class ImageFolderDataModule(ClassificationDataModule):
     def load(self) -> tuple[Dataset, None]:
         transform = image_transform((0.5,) * 3, (0.5,) * 3, self.info.image_size)
         try:
-            folder = datasets.ImageFolder(self.cfg.data_dir, transform=transform)
+            folder = datasets.ImageFolder(self.data_dir, transform=transform)
         except FileNotFoundError as exc:
-            raise UsageError(f"image folder {self.cfg.data_dir}: {exc}") from None
+            raise UsageError(f"image folder {self.data_dir}: {exc}") from None
         if len(folder) < 3:
             raise UsageError(
-                f"image folder {self.cfg.data_dir} has {len(folder)} images; "
+                f"image folder {self.data_dir} has {len(folder)} images; "
                 "train/val/test splits need at least 3"
             )
         return folder, None

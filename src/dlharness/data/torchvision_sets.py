@@ -23,7 +23,6 @@ class _TorchvisionDataModule(ClassificationDataModule):
     """A torchvision data set with a fixed official test split."""
 
     dataset_cls: ClassVar[type]
-    name: ClassVar[str]
     in_channels: ClassVar[int]
     native_size: ClassVar[int]
     class_names: ClassVar[tuple[str, ...]]
@@ -35,13 +34,13 @@ class _TorchvisionDataModule(ClassificationDataModule):
         return DataInfo(
             num_classes=len(self.class_names),
             in_channels=self.in_channels,
-            image_size=self.cfg.image_size or self.native_size,
+            image_size=self.image_size or self.native_size,
             class_names=self.class_names,
         )
 
     @property
     def root(self) -> Path:
-        return Path(self.cfg.data_dir)
+        return Path(self.data_dir)
 
     @property
     def files_dir(self) -> Path:
@@ -59,7 +58,7 @@ class _TorchvisionDataModule(ClassificationDataModule):
         missing = self.missing_files()
         if not missing:
             return
-        if not self.cfg.download:
+        if not self.download:
             raise UsageError(
                 f"{self.name} files not found in {self.files_dir} (missing {missing[0]}); "
                 "pass --download to fetch them, or --data-dir to point at them"
@@ -78,7 +77,7 @@ class _TorchvisionDataModule(ClassificationDataModule):
         return str(self.files_dir.resolve())
 
     def transform(self) -> Any:
-        return image_transform(self.mean, self.std, self.cfg.image_size)
+        return image_transform(self.mean, self.std, self.image_size)
 
 
 class MNISTDataModule(_TorchvisionDataModule):

@@ -13,20 +13,6 @@ import torch
 from torch import nn
 from torchvision.models import resnet18
 
-from dlharness.config import ModelConfig
-from dlharness.data.base import DataInfo
-
-
-def net_spec(model: ModelConfig, info: DataInfo) -> dict[str, Any]:
-    return {
-        "name": model.name,
-        "in_channels": info.in_channels,
-        "num_classes": info.num_classes,
-        "image_size": info.image_size,
-        "width": model.width,
-        "dropout": model.dropout,
-    }
-
 
 def build_net(spec: dict[str, Any]) -> nn.Module:
     if spec["name"] == "cnn":

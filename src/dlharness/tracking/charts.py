@@ -147,12 +147,24 @@ def roc_chart(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]]) -> Ima
     )
 
 
+def _keys(history: History) -> list[str]:
+    return sorted({key for values in history.values() for key in values})
+
+
 def loss_chart(history: History) -> Image.Image:
-    return curve_chart(history, ("train/loss", "val/loss"), "Loss by epoch (cross-entropy)")
+    """Every metric with "loss" in its name (`train/loss`, `val_loss`, ...), by epoch."""
+    keys = [key for key in _keys(history) if "loss" in key.lower()]
+    return curve_chart(history, keys[: len(PALETTE)], "Loss by epoch")
 
 
 def metric_chart(history: History) -> Image.Image:
-    return curve_chart(history, ("val/acc", "val/f1", "val/auroc"), "Validation metrics by epoch")
+    """Every validation metric but the losses (`val/acc`, `val_f1`, ...), by epoch."""
+    keys = [
+        key
+        for key in _keys(history)
+        if key.lower().startswith("val") and "loss" not in key.lower()
+    ]
+    return curve_chart(history, keys[: len(PALETTE)], "Validation metrics by epoch")
 
 
 def _blue(fraction: float) -> tuple[int, int, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.plugins import CheckpointIO
 from typing_extensions import override
 
 from dlharness.tracking.worker import TrackingWorker
@@ -35,28 +35,52 @@ def snapshot(value: Any) -> Any:
     return value
 
 
-class BackgroundCheckpointIO(TorchCheckpointIO):
-    """`trainer.save_checkpoint` that returns once the tensors are copied (≈1 ms for the
-    3.5 MB heavy-benchmark checkpoint) and leaves `torch.save` to the tracking worker.
+class BackgroundCheckpointIO(CheckpointIO):
+    """A strategy's `CheckpointIO` that writes the files under `folder` on the tracking worker.
 
-    Pickling and writing took 15–45 ms per epoch on the training thread here. Lightning's
-    ``AsyncCheckpointIO`` does the same on a thread of its own; on the worker's queue the
-    write runs before any job submitted after it, so an upload queued next finds the file
-    complete. A write that fails is reported by the worker like any tracking job. Loading is
-    `TorchCheckpointIO`'s.
+    For those, `save_checkpoint` returns once the tensors are copied (≈1 ms for the 3.5 MB
+    heavy-benchmark checkpoint) and leaves `torch.save` to the worker: pickling and writing took
+    15–45 ms per epoch on the training thread here. Lightning's ``AsyncCheckpointIO`` does the
+    same on a thread of its own; on the worker's queue the write runs before any job submitted
+    after it, so an upload queued next finds the file complete. A write that fails is reported
+    by the worker like any tracking job. Every other save, and all loading and removing, goes
+    to the strategy's own `CheckpointIO` (say a user's ``ModelCheckpoint`` files).
 
     Args:
         worker: The tracking worker that writes the files.
+        inner: The `CheckpointIO` the strategy had.
+        folder: Where the tracking's own checkpoint files go.
     """
 
-    def __init__(self, worker: TrackingWorker) -> None:
+    def __init__(self, worker: TrackingWorker, inner: CheckpointIO, folder: Path) -> None:
         super().__init__()
         self.worker = worker
+        self.inner = inner
+        self.folder = folder.resolve()
 
     @override
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
+        if not Path(path).resolve().is_relative_to(self.folder):
+            self.inner.save_checkpoint(checkpoint, path, storage_options)
+            return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         self.worker.submit("checkpoint write", torch.save, snapshot(checkpoint), Path(path))
+
+    @override
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if map_location is None:
+            return self.inner.load_checkpoint(path, weights_only=weights_only)
+        return self.inner.load_checkpoint(path, map_location, weights_only)
+
+    @override
+    def remove_checkpoint(self, path: str | Path) -> None:
+        self.inner.remove_checkpoint(path)
+
+    @override
+    def teardown(self) -> None:
+        self.inner.teardown()

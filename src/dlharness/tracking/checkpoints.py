@@ -1,13 +1,21 @@
-"""MLflow's checkpoint layout, and fetching a stored checkpoint with its integrity checked."""
+"""MLflow's checkpoint layout: storing a checkpoint with its sha256 record, and getting one back
+as a verified local file that loads with ``weights_only=True``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import pickle
 from pathlib import Path
 from typing import Any
 
+import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from dlharness.tracking.installed_packages import cache_dir
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pth"
@@ -20,7 +28,7 @@ _HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(Exception):
-    """A stored checkpoint is missing, truncated or altered."""
+    """A stored checkpoint is missing, truncated, altered or unsafe to load."""
 
 
 def epoch_dir(epoch: int) -> str:
@@ -33,6 +41,30 @@ def file_sha256(path: Path) -> str:
         while chunk := fh.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def store_checkpoint(
+    client: MlflowClient, run_id: str, epoch: int, partial: Path, record: dict[str, Any]
+) -> None:
+    """Move the written `partial` file into place, then upload it and its record (the record
+    last: a checkpoint without one is incomplete and never resumed from)."""
+    path = partial.with_name(CHECKPOINT_FILE)
+    os.replace(partial, path)  # a complete file or none, never half of one
+    record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
+    path.with_name(METRICS_FILE).write_text(json.dumps(record))
+    try:
+        client.log_artifact(run_id, str(path), epoch_dir(epoch))
+        client.log_artifact(run_id, str(path.with_name(METRICS_FILE)), epoch_dir(epoch))
+    except OSError:
+        # A half-copied file on a full disk: take it away (best effort) and say why.
+        with contextlib.suppress(Exception):
+            delete_checkpoint(client, run_id, epoch)
+        raise
+    client.set_tag(run_id, LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+
+
+def delete_checkpoint(client: MlflowClient, run_id: str, epoch: int) -> None:
+    client.delete_artifacts(run_id, epoch_dir(epoch))
 
 
 def stored_epochs(client: MlflowClient, run_id: str) -> list[int]:
@@ -50,8 +82,12 @@ def stored_epochs(client: MlflowClient, run_id: str) -> list[int]:
     return sorted(epochs)
 
 
-def checkpoint_metadata(client: MlflowClient, run_id: str, epoch: int) -> dict[str, Any]:
-    path = client.download_artifacts(run_id, f"{epoch_dir(epoch)}/{METRICS_FILE}")
+def checkpoint_metadata(
+    client: MlflowClient, run_id: str, epoch: int, dst: Path | None = None
+) -> dict[str, Any]:
+    """The record stored beside epoch `epoch`'s checkpoint (metrics, step, size, sha256)."""
+    artifact = f"{epoch_dir(epoch)}/{METRICS_FILE}"
+    path = client.download_artifacts(run_id, artifact, dst_path=str(dst) if dst else None)
     return json.loads(Path(path).read_text())
 
 
@@ -59,7 +95,8 @@ def fetch_checkpoint(client: MlflowClient, run_id: str, epoch: int, dst: Path) -
     """Download epoch `epoch`'s checkpoint into `dst` and check it against its stored sha256."""
     artifact = f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"
     try:
-        expected = checkpoint_metadata(client, run_id, epoch)["sha256"]
+        dst.mkdir(parents=True, exist_ok=True)
+        expected = checkpoint_metadata(client, run_id, epoch, dst)["sha256"]
         path = Path(client.download_artifacts(run_id, artifact, dst_path=str(dst)))
     except Exception as exc:
         raise CheckpointError(
@@ -70,4 +107,72 @@ def fetch_checkpoint(client: MlflowClient, run_id: str, epoch: int, dst: Path) -
             f"checkpoint {artifact} of run {run_id} does not match its sha256 "
             "(truncated or altered)"
         )
+    return path
+
+
+def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
+    """Load with ``weights_only=True`` and refuse anything that could name code to run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
+        raise CheckpointError(
+            f"checkpoint {artifact} refused: it holds objects other than tensors and plain data "
+            f"({reason[:160]}); nothing in it was run"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {artifact} is unreadable: {type(exc).__name__}: {exc}"
+        ) from None
+    hyper_parameters = state.get("hyper_parameters") or {}
+    if any("_instantiator" in str(key) for key in hyper_parameters):
+        raise CheckpointError(
+            f"checkpoint {artifact} refused: its hyperparameters name an _instantiator "
+            "(a class to construct on load)"
+        )
+    return state
+
+
+def checkpoint_path(
+    run_id: str,
+    epoch: int | None = None,
+    *,
+    tracking_uri: str | None = None,
+    dst: str | os.PathLike | None = None,
+) -> Path:
+    """A run's stored checkpoint as a local file, for ``trainer.fit(..., ckpt_path=...)``.
+
+    The file is downloaded, checked against its sha256 record, and loaded once with
+    ``weights_only=True`` (a checkpoint that holds code, or names an ``_instantiator``, is
+    refused and nothing in it runs).
+
+    Args:
+        run_id: The run that logged the checkpoints (with `MlflowTracking` or dlharness).
+        epoch: Which epoch's checkpoint; None: the latest stored.
+        tracking_uri: The tracking store; default: MLflow's current one.
+        dst: Folder to download into; default: ``~/.cache/dlharness/checkpoints/RUN_ID/epoch_N``
+            (``$DLHARNESS_CACHE_DIR``, ``$XDG_CACHE_HOME``).
+
+    Raises:
+        CheckpointError: unknown run, no such checkpoint, or one that fails a check.
+    """
+    client = MlflowClient(tracking_uri)
+    try:
+        client.get_run(run_id)
+        available = stored_epochs(client, run_id)
+    except MlflowException as exc:
+        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+        raise CheckpointError(f"run {run_id}: {first_line}") from None
+    if not available:
+        raise CheckpointError(f"run {run_id} has no logged checkpoints")
+    if epoch is None:
+        epoch = available[-1]
+    elif epoch not in available:
+        logged = ", ".join(map(str, available))
+        raise CheckpointError(f"run {run_id} has no checkpoint for epoch {epoch}; logged: {logged}")
+    folder = (
+        Path(dst) if dst is not None else cache_dir() / "checkpoints" / run_id / f"epoch_{epoch}"
+    )
+    path = fetch_checkpoint(client, run_id, epoch, folder)
+    load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
     return path

@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -271,17 +271,10 @@ class SpoolingClient(MlflowClient):
             end_time=end_time,
         )
 
-    def spool_final_model(
-        self, model_dir: Path, example: Path, onnx: bool, register: str | None
-    ) -> None:
-        """The end-of-run model logging, for `dlharness-sync` to do once the server is back."""
+    def spool_operation(self, op: str, files: dict[str, str | os.PathLike], **fields: Any) -> None:
+        """An application's own operation, journalled in order for a `Replayer` of `op`."""
         self.offline = True
-        self.spool.append(
-            "final_model",
-            files={"model": model_dir, "example.npy": example},
-            onnx=onnx,
-            register=register,
-        )
+        self.spool.append(op, files, **fields)
 
     def _repository(self, run_id: str):
         if run_id not in self._repositories:
@@ -292,8 +285,15 @@ class SpoolingClient(MlflowClient):
         return self._repositories[run_id]
 
 
-def replay(spool: Spool, tracking_uri: str) -> int:
+# Replays an operation the application spooled itself: (tracking URI, spool, entry) → None.
+Replayer = Callable[[str, "Spool", dict[str, Any]], None]
+
+
+def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] = {}) -> int:
     """Send a spool's journal to the run, in order; return the number of operations.
+
+    `replayers` replay the operations an application spooled itself (the harness's final
+    model), by operation name.
 
     Safe to run again after a partial replay: it goes on after the last operation done
     (`replayed.json`), and metrics the run already holds (same key and step, as when a frozen
@@ -308,7 +308,7 @@ def replay(spool: Spool, tracking_uri: str) -> int:
         if entry["seq"] <= done:  # replayed by an earlier, interrupted sync
             continue
         try:
-            _replay_one(client, spool, entry, seen, tracking_uri)
+            _replay_one(client, spool, entry, seen, tracking_uri, replayers)
         except Exception as exc:
             first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise ReplayError(
@@ -334,9 +334,8 @@ def _replay_one(
     entry: dict[str, Any],
     seen: dict[str, set[int]],
     tracking_uri: str,
+    replayers: Mapping[str, Replayer],
 ) -> None:
-    from dlharness.tracking.model_logging import replay_final_model
-
     op, run_id = entry["op"], entry.get("run_id")
     if op == "log_batch":
         metrics = []
@@ -364,15 +363,8 @@ def _replay_one(
             for blob in entry["datasets"]
         ]
         client.log_inputs(run_id, datasets=datasets)
-    elif op == "final_model":
-        replay_final_model(
-            tracking_uri,
-            spool.run_id,
-            spool.file(entry, "model"),
-            spool.file(entry, "example.npy"),
-            entry["onnx"],
-            entry["register"],
-        )
+    elif op in replayers:
+        replayers[op](tracking_uri, spool, entry)
     elif op == "set_terminated":
         client.set_terminated(run_id, entry["status"], entry["end_time"])
     else:

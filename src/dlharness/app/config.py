@@ -150,18 +150,6 @@ class TrainConfig:
         )
 
 
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Flatten nested mappings into dotted keys: ``{"optim": {"lr": 1}}`` → ``{"optim.lr": 1}``."""
-    flat: dict[str, Any] = {}
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
 def load_config(
     path: str | os.PathLike | None = None, overrides: Mapping[str, Any] = ()
 ) -> TrainConfig:

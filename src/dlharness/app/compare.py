@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from dlharness.config import DEFAULT_TRACKING_URI
+from dlharness.app.config import DEFAULT_TRACKING_URI
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 
 DEFAULT_METRICS = ("val/loss", "val/acc")
@@ -270,12 +270,20 @@ def evaluate_epochs(
     """Re-evaluate the run's stored checkpoints of `epochs` on `split`, as logged at the time."""
     import torch
 
-    from dlharness.config import flatten, load_config
-    from dlharness.data import build_datamodule
+    from dlharness.app.components import build_datamodule
+    from dlharness.app.config import load_config
+    from dlharness.app.evaluation import evaluate
+    from dlharness.app.resume import logged_config
     from dlharness.models.classifier import ClassifierModule
-    from dlharness.resume import load_stored_checkpoint, logged_config
-    from dlharness.tracking.checkpoints import stored_epochs
-    from dlharness.tracking.evaluation import evaluate
+    from dlharness.tracking.checkpoints import (
+        CHECKPOINT_FILE,
+        CheckpointError,
+        checkpoint_path,
+        epoch_dir,
+        load_checkpoint_safely,
+        stored_epochs,
+    )
+    from dlharness.tracking.params import flatten
 
     client = MlflowClient(tracking_uri)
     run_id = run.info.run_id
@@ -299,7 +307,13 @@ def evaluate_epochs(
     rows = [header]
     with tempfile.TemporaryDirectory() as scratch:
         for epoch in epochs:
-            _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch) / str(epoch))
+            try:
+                path = checkpoint_path(
+                    run_id, epoch, tracking_uri=tracking_uri, dst=Path(scratch) / str(epoch)
+                )
+            except CheckpointError as exc:
+                raise UsageError(str(exc)) from None
+            state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
             module = ClassifierModule(**state["hyper_parameters"])
             module.load_state_dict(state["state_dict"])
             metrics = evaluate(module, loader, device, stage=split).metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from mlflow.data.code_dataset_source import CodeDatasetSource
@@ -14,11 +15,13 @@ from mlflow.data.numpy_dataset import NumpyDataset
 from mlflow.entities import DatasetInput, InputTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from typing_extensions import override
 
+from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
-from dlharness.redaction import redact_uri
 from dlharness.tracking.charts import image_grid
+from dlharness.tracking.redaction import redact_uri
 
 SAMPLE_GRID_SIZE = 16
 
@@ -46,7 +49,7 @@ def split_record(datamodule: ClassificationDataModule, split: str) -> NumpyDatas
         features=features,
         source=_source(datamodule),
         targets=targets,
-        name=f"{datamodule.cfg.dataset}-{split}",
+        name=f"{datamodule.name}-{split}",
         digest=content_digest(subset),
     )
 
@@ -77,3 +80,29 @@ def log_sample_grid(
     client.log_image(
         run_id, image_grid(images, captions, title), artifact_file="datasets/train_samples.png"
     )
+
+
+class DatasetRecords(L.Callback):
+    """Logs a dataset record per split and a grid of training samples when fitting starts, on
+    the tracking thread of `tracking` (global rank 0 only).
+
+    Args:
+        tracking: The fit's tracking callback, whose run and thread these records go to.
+    """
+
+    def __init__(self, tracking: MlflowTracking) -> None:
+        self.tracking = tracking
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if not self.tracking.logging or not isinstance(datamodule, ClassificationDataModule):
+            return
+        client, run_id = self.tracking.client, self.tracking.run.run_id
+        self.tracking.submit("dataset records", log_datasets, client, run_id, datamodule)
+        # Gathered here: torch work on the tracking thread would slow training down.
+        images, captions = training_samples(datamodule)
+        title = f"{datamodule.name}: training samples as the network sees them"
+        self.tracking.submit(
+            "training sample grid", log_sample_grid, client, run_id, images, captions, title
+        )

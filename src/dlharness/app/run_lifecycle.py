@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -13,14 +13,15 @@ import mlflow
 import requests
 import yaml
 from filelock import FileLock
-from mlflow.entities import Run, RunStatus, RunTag
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from dlharness.config import TrainConfig, flatten
+from dlharness.app.config import TrainConfig
 from dlharness.errors import UsageError
-from dlharness.interruption import TrainingInterrupted
-from dlharness.redaction import redact, redact_tree
+from dlharness.tracking.params import as_param_values, log_params_once
+from dlharness.tracking.redaction import redact, redact_tree
+from dlharness.tracking.run_binding import status_after
 from dlharness.tracking.spool import Spool, is_unreachable
 
 # A tracking server that does not answer /health within this many seconds counts as down.
@@ -116,13 +117,10 @@ def tracked_run(
     spool = Spool.for_run(cfg.tracking.spool_dir, run.info.run_id, mlflow.get_tracking_uri())
     try:
         yield run
-    except (KeyboardInterrupt, TrainingInterrupted):
-        _end_run(spool, RunStatus.KILLED)
+    except BaseException as exc:
+        _end_run(spool, status_after(exc))
         raise
-    except BaseException:
-        _end_run(spool, RunStatus.FAILED)
-        raise
-    _end_run(spool, RunStatus.FINISHED)
+    _end_run(spool, status_after(None))
 
 
 @contextlib.contextmanager
@@ -143,9 +141,8 @@ def _one_quick_try() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _end_run(spool: Spool, status: int) -> None:
+def _end_run(spool: Spool, name: str) -> None:
     """End the active run; once its writes are spooled, its end is spooled after them."""
-    name = RunStatus.to_string(status)
     end_time = int(time.time() * 1000)
     if spool.count:
         spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
@@ -163,27 +160,14 @@ def _end_run(spool: Spool, status: int) -> None:
         spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
 
 
-def set_run_tags(run_id: str, tags: dict[str, str], client: MlflowClient | None = None) -> None:
-    """Several tags in one call (MlflowClient has `set_tag` for one at a time)."""
-    safe = redact({key: str(value) for key, value in tags.items()})
-    (client or MlflowClient()).log_batch(run_id, tags=[RunTag(k, v) for k, v in safe.items()])
-
-
-def log_config(cfg: TrainConfig, logged: Mapping[str, str] | None = None) -> None:
+def log_config(client: MlflowClient, run_id: str, cfg: TrainConfig) -> None:
     """The resolved config, whole: flattened into params and as `config.yaml`, with the values
     of secret-looking keys and the passwords in URIs redacted.
 
-    MLflow params cannot change, so on a reopened run (`logged` = its params) a value that
-    differs now, such as a longer `trainer.max_epochs`, goes to a `dlharness.resumed_with.*`
-    tag; `config.yaml` is replaced by the config in use.
+    On a reopened run a value that differs now, such as a longer `trainer.max_epochs`, goes to
+    a `dlharness.resumed_with.*` tag (params cannot change); `config.yaml` is replaced by the
+    config in use.
     """
-    logged = logged or {}
     config = redact_tree(cfg.to_dict())
-    params = {k: "" if v is None else str(v) for k, v in flatten(config).items()}
-    new = {k: v for k, v in params.items() if k not in logged}
-    if new:
-        mlflow.log_params(new)
-    changed = {f"dlharness.resumed_with.{k}": v for k, v in params.items() if logged.get(k, v) != v}
-    if changed:
-        mlflow.set_tags(changed)
-    mlflow.log_text(yaml.safe_dump(config, sort_keys=False), "config.yaml")
+    log_params_once(client, run_id, as_param_values(config))
+    client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")

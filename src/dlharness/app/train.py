@@ -1,4 +1,9 @@
-"""`train(cfg)`: one tracked training run, from config to a logged model."""
+"""`train(cfg)`: one tracked training run, from config to a logged model.
+
+The harness is a user of the public `MlflowTracking` callback like any other: it opens the
+run itself (so that the end-of-run evaluation and models land in it too), hands the callback
+the config's tracking settings, and adds its own dataset records and best-weights copy.
+"""
 
 from __future__ import annotations
 
@@ -16,49 +21,40 @@ from pathlib import Path
 import lightning as L
 import mlflow
 import torch
-from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.model_summary import ModelSummary
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
+from typing_extensions import override
 
 import dlharness
-from dlharness.callbacks.epoch_printer import EpochLinePrinter
-from dlharness.callbacks.epoch_tracker import EpochTracker
-from dlharness.callbacks.mlflow_checkpoint import MlflowCheckpoint
-from dlharness.callbacks.run_context import RunContextLogger
-from dlharness.config import TrainConfig, parse_devices
-from dlharness.data import ClassificationDataModule, build_datamodule
-from dlharness.distributed import is_launch_leader
-from dlharness.errors import UsageError
-from dlharness.interruption import StopSignals, TrainingInterrupted
-from dlharness.models.classifier import ClassifierModule
-from dlharness.models.nets import build_net, net_spec
-from dlharness.resume import (
-    ResumePoint,
-    check_same_data,
-    load_checkpoint_safely,
-    load_stored_checkpoint,
-)
-from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir
-from dlharness.tracking.evaluation import evaluate, log_evaluation
-from dlharness.tracking.installed_packages import PackageIndex
-from dlharness.tracking.model_logging import (
+from dlharness.app.components import build_datamodule, build_module
+from dlharness.app.config import TrainConfig, parse_devices
+from dlharness.app.dataset_records import DatasetRecords
+from dlharness.app.distributed import is_launch_leader
+from dlharness.app.evaluation import evaluate, log_evaluation
+from dlharness.app.model_logging import (
     log_network,
     log_onnx,
     register_candidate,
     save_for_replay,
+    spool_final_model,
 )
-from dlharness.tracking.run import (
-    check_tracking_uri,
-    log_config,
-    set_experiment,
-    set_run_tags,
-    tracked_run,
-)
+from dlharness.app.resume import ResumePoint, check_same_data
+from dlharness.app.run_lifecycle import check_tracking_uri, log_config, set_experiment, tracked_run
+from dlharness.callbacks.epoch_printer import EpochLinePrinter
+from dlharness.callbacks.mlflow_tracking import MlflowTracking
+from dlharness.data import ClassificationDataModule
+from dlharness.errors import UsageError
+from dlharness.models.classifier import ClassifierModule
+from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir, load_checkpoint_safely
+from dlharness.tracking.checkpoints import checkpoint_path as stored_checkpoint
+from dlharness.tracking.installed_packages import PackageIndex
+from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
+from dlharness.tracking.params import log_params_once
+from dlharness.tracking.run_context import set_run_tags
 from dlharness.tracking.spool import SpoolingClient, is_unreachable, set_http_defaults
-from dlharness.tracking.worker import StorageError, TrackingWorker, as_storage_error
+from dlharness.tracking.worker import StorageError, as_storage_error
 
 # Autolog logs epoch metrics when (epoch + 1) % log_every_n_epoch == 0: with this period it
 # never does, and keeps logging what else it knows (optimizer params, model summary).
@@ -120,12 +116,7 @@ def check_hardware(cfg: TrainConfig) -> str:
     return accelerator
 
 
-def build_trainer(
-    cfg: TrainConfig,
-    accelerator: str,
-    callbacks: list[Callback],
-    checkpoint_io: CheckpointIO | None = None,
-) -> L.Trainer:
+def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback]) -> L.Trainer:
     interactive = sys.stdout.isatty()
     progress: Callback = RichProgressBar() if interactive else EpochLinePrinter()
     return L.Trainer(
@@ -137,34 +128,62 @@ def build_trainer(
         precision=cfg.trainer.precision,
         # "warn": deterministic kernels wherever they exist; CUDA ops without one only warn.
         deterministic="warn" if cfg.trainer.deterministic else False,
-        # MLflow is the logger (autolog + our callbacks); Lightning's own would log by step.
+        # MLflow is the logger (autolog + MlflowTracking); Lightning's own would log by step.
         logger=False,
-        enable_checkpointing=False,
         enable_progress_bar=interactive,
         callbacks=[progress, *callbacks],
-        plugins=[checkpoint_io] if checkpoint_io else None,
     )
 
 
-def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
-    spec = net_spec(cfg.model, datamodule.info)
-    return ClassifierModule(
-        build_net(spec),
-        net_spec=spec,
-        optimizer=cfg.optim.optimizer,
-        lr=cfg.optim.lr,
-        weight_decay=cfg.optim.weight_decay,
-        momentum=cfg.optim.momentum,
-        scheduler=cfg.optim.scheduler,
-        channels_last=cfg.trainer.channels_last,
+def build_tracking(cfg: TrainConfig, class_names: tuple[str, ...], single: bool) -> MlflowTracking:
+    """The public callback with the config's settings; it logs into the run `train` opened."""
+    return MlflowTracking(
+        monitor=cfg.tracker.monitor,
+        mode=cfg.tracker.mode,
+        every_n_epochs=cfg.tracker.checkpoint_every_n_epochs,
+        keep_last=cfg.tracker.keep_last_checkpoints,
+        plots=cfg.tracker.plots,
+        class_names=class_names,
+        # `tracked_run` starts MLflow's sampler with the run (tracking.system_metrics).
+        system_metrics=False,
+        # One process: SIGINT/SIGTERM stop at the next batch with the state stored. Under DDP,
+        # Lightning already stops every rank together on SIGTERM (at the next batch).
+        checkpoint_on_signal=single,
+        fast_images=True,
+        spool_dir=cfg.tracking.spool_dir,
+        source_dir=str(Path(dlharness.__file__).parent),
     )
+
+
+class BestWeights(Checkpoint):
+    """A CPU copy of the module's weights at the best epoch `tracking` has picked, so that the
+    end-of-run evaluation needs no download (nor a tracking server that answers).
+
+    A `Checkpoint` callback, listed after `tracking`: Lightning runs it after `tracking` has
+    judged the epoch.
+    """
+
+    def __init__(self, tracking: MlflowTracking) -> None:
+        self.tracking = tracking
+        self.epoch: int | None = None
+        self.state: dict[str, torch.Tensor] | None = None
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = self.tracking.best_epoch
+        if trainer.is_global_zero and best == trainer.current_epoch and best != self.epoch:
+            self.epoch = best
+            self.state = {
+                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
+            }
 
 
 def finish(
     cfg: TrainConfig,
     module: ClassifierModule,
     datamodule: ClassificationDataModule,
-    checkpoints: MlflowCheckpoint,
+    tracking: MlflowTracking,
+    best: BestWeights,
     run: Run,
     device: str,
     timings: dict[str, float],
@@ -173,16 +192,18 @@ def finish(
     """Evaluate the best stored checkpoint on the test split and log it as the run's model."""
     run_id = run.info.run_id
     started = time.perf_counter()
-    epoch = checkpoints.best_epoch
+    epoch = tracking.best_epoch
     if epoch is None:
-        epoch = checkpoints.stored_epochs[-1]
-    local = checkpoints.best_local_copy
-    if local is not None:
-        state = load_checkpoint_safely(local, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+        epoch = tracking.stored_epochs[-1]
+    if best.epoch == epoch and best.state is not None:
+        module.load_state_dict(best.state)
     else:  # stored by an earlier process of this run
         with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
-            _, state = load_stored_checkpoint(client, run_id, epoch, Path(scratch))
-    module.load_state_dict(state["state_dict"])
+            path = stored_checkpoint(
+                run_id, epoch, tracking_uri=cfg.tracking.tracking_uri, dst=scratch
+            )
+            state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+        module.load_state_dict(state["state_dict"])
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
     log_evaluation(client, run_id, evaluation, class_names, epoch)
@@ -202,7 +223,9 @@ def finish(
             folder, example = save_for_replay(
                 module.net, module.hparams.net_spec, example_batch, Path(scratch) / "model"
             )
-            client.spool_final_model(folder, example, cfg.tracker.onnx, cfg.tracking.register_model)
+            spool_final_model(
+                client, folder, example, cfg.tracker.onnx, cfg.tracking.register_model
+            )
     return TrainResult(
         run_id=run_id,
         experiment_id=run.info.experiment_id,
@@ -253,68 +276,28 @@ def process_count(cfg: TrainConfig, accelerator: str) -> int:
     return per_node * cfg.trainer.num_nodes
 
 
-def build_callbacks(
-    cfg: TrainConfig,
-    worker: TrackingWorker,
-    run_id: str,
-    accelerator: str,
-    datamodule: ClassificationDataModule,
-    stop: StopSignals | None = None,
-    client: SpoolingClient | None = None,
-) -> tuple[EpochTracker, MlflowCheckpoint, RunContextLogger]:
-    names = datamodule.info.class_names
-    tracker = EpochTracker(worker, run_id, names, plots=cfg.tracker.plots, client=client)
-    checkpoints = MlflowCheckpoint(
-        worker,
-        run_id,
-        every_n_epochs=cfg.tracker.checkpoint_every_n_epochs,
-        keep_last=cfg.tracker.keep_last_checkpoints,
-        monitor=cfg.tracker.monitor,
-        mode=cfg.tracker.mode,
-        stop=stop,
-        client=client,
-    )
-    source = Path(dlharness.__file__).parent
-    context = RunContextLogger(worker, run_id, accelerator, source, client=client)
-    return tracker, checkpoints, context
-
-
-def fit(
-    cfg: TrainConfig,
-    accelerator: str,
-    module: ClassifierModule,
-    datamodule: ClassificationDataModule,
-    callbacks: tuple[EpochTracker, MlflowCheckpoint, RunContextLogger],
-    resume: ResumePoint | None,
-) -> None:
-    tracker, checkpoints, context = callbacks
-    # The tracker records an epoch's values before the checkpoint of that epoch is taken, so
-    # every checkpoint carries the history up to and including its epoch.
-    trainer = build_trainer(
-        cfg, accelerator, [context, tracker, checkpoints], checkpoints.checkpoint_io
-    )
-    trainer.fit(
-        module,
-        datamodule=datamodule,
-        ckpt_path=resume.checkpoint if resume else None,
-        weights_only=True,
-    )
-
-
-def train(cfg: TrainConfig, resume: ResumePoint | None = None) -> TrainResult | None:
+def train(
+    cfg: TrainConfig, resume: ResumePoint | None = None, *, fast_package_index: bool = False
+) -> TrainResult | None:
     """Train, evaluate and log one run as `cfg` says; raise `UsageError` for bad input.
 
     With `resume` (from `prepare_resume`, whose config `cfg` is), training continues from
     that checkpoint: in the same run, reopened, or with `resume.fork` in a new one.
     Under DDP only the leading process (global rank 0) opens and logs the run and returns
     its result; every other rank trains its shard in step with it and returns None.
+    `fast_package_index` hands MLflow its package index from a per-environment cache (see
+    `PackageIndex`: it swaps a function inside MLflow while the index is built), ≈1.2 s less
+    at the end of the first run of a process.
     """
     try:
         if not is_launch_leader():
             _follow(cfg, resume)
             return None
-        return _train(cfg, resume)
+        return _train(cfg, resume, fast_package_index)
     finally:
+        # Autolog patches Trainer.fit for the whole process: later fits of the caller's own
+        # would start autolog runs.
+        mlflow.pytorch.autolog(disable=True)
         if resume is not None:
             resume.cleanup()
 
@@ -326,13 +309,14 @@ def _follow(cfg: TrainConfig, resume: ResumePoint | None) -> None:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, datamodule)
     _quiet_irrelevant_warnings()
-    worker = TrackingWorker()
-    try:
-        # No run id: the callbacks do their I/O on global rank 0 only.
-        callbacks = build_callbacks(cfg, worker, "", accelerator, datamodule)
-        fit(cfg, accelerator, module, datamodule, callbacks, resume)
-    finally:
-        worker.close()
+    # The callback does its I/O on global rank 0 only; here it takes part in the collectives.
+    tracking = build_tracking(cfg, datamodule.info.class_names, single=False)
+    trainer = build_trainer(cfg, accelerator, [tracking])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
+
+
+def _checkpoint(resume: ResumePoint | None) -> Path | None:
+    return resume.checkpoint if resume is not None else None
 
 
 def _quiet_irrelevant_warnings() -> None:
@@ -346,7 +330,7 @@ def _reopens(resume: ResumePoint | None) -> bool:
     return resume is not None and not resume.fork
 
 
-def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
+def _train(cfg: TrainConfig, resume: ResumePoint | None, fast_package_index: bool) -> TrainResult:
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
     accelerator = check_hardware(cfg)
@@ -361,13 +345,13 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
     module = build_module(cfg, datamodule)
     set_experiment(uri, cfg.tracking.experiment)
     reopen = _reopens(resume)
-    # Autolog logs the optimizer's params, the epoch count and the model summary; the epoch
-    # tracker logs the epochs, MlflowCheckpoint the checkpoints, `finish` the model.
+    # Autolog logs the optimizer's params, the epoch count and the model summary;
+    # MlflowTracking logs the epochs and the checkpoints, `finish` the model.
     mlflow.pytorch.autolog(
         # A reopened run holds autolog's params already; logging `epochs` again would clash.
         disable=not cfg.tracking.autolog or reopen,
-        # The epoch tracker logs epoch metrics itself, in order with its checkpoints and
-        # exactly once through resumes; autolog buffers them and would log them again.
+        # MlflowTracking logs epoch metrics itself, in order with its checkpoints and exactly
+        # once through resumes; autolog buffers them and would log them again.
         log_every_n_epoch=AUTOLOG_NEVER,
         log_models=False,
         checkpoint=False,
@@ -380,16 +364,19 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None) -> TrainResult:
         resume_tags["dlharness.resumed_from_epoch"] = str(resume.epoch)
         if resume.fork:
             resume_tags["dlharness.parent_run_id"] = resume.run_id
-    # One process: SIGINT/SIGTERM stop at the next batch with the state stored. Under DDP,
-    # Lightning already stops every rank together on SIGTERM (at the next batch).
-    stop = StopSignals() if process_count(cfg, accelerator) == 1 else None
+    single = process_count(cfg, accelerator) == 1
+    # Outside fit (the evaluation, the model logging) a signal ends the run at once, KILLED;
+    # during fit MlflowTracking defers it to the next batch boundary.
+    stop = StopSignals() if single else None
     with (
         tracked_run(cfg, resume.run_id if reopen else None, resume_tags) as run,
         stop or contextlib.nullcontext(),
     ):
         run_id = run.info.run_id
         try:
-            return _tracked_training(cfg, accelerator, module, datamodule, resume, run, stop)
+            return _tracked_training(
+                cfg, accelerator, module, datamodule, resume, run, single, fast_package_index
+            )
         except SIGTERMException:
             raise TrainingInterrupted(signal.SIGTERM, " (DDP: at the last checkpoint)") from None
         except TrainingInterrupted as exc:
@@ -407,52 +394,42 @@ def _tracked_training(
     datamodule: ClassificationDataModule,
     resume: ResumePoint | None,
     run: Run,
-    stop: StopSignals | None,
+    single: bool,
+    fast_package_index: bool,
 ) -> TrainResult:
-    reopen = _reopens(resume)
-    log_config(cfg, run.data.params if reopen else None)
-    mlflow.log_params({f"data.n_{split}": n for split, n in datamodule.split_sizes().items()})
     run_id = run.info.run_id
     client = SpoolingClient(cfg.tracking.tracking_uri, cfg.tracking.spool_dir, run_id)
-    worker = TrackingWorker()
-    callbacks = build_callbacks(cfg, worker, run_id, accelerator, datamodule, stop, client)
-    checkpoints = callbacks[1]
-    package_index = PackageIndex()
+    log_config(client, run_id, cfg)
+    sizes = {f"data.n_{split}": str(n) for split, n in datamodule.split_sizes().items()}
+    log_params_once(client, run_id, sizes)
+    spec = module.hparams.net_spec
+    set_run_tags(
+        run_id, {"model.type": spec["name"], "model.class": type(module.net).__name__}, client
+    )
+    tracking = build_tracking(cfg, datamodule.info.class_names, single)
+    best = BestWeights(tracking)
+    trainer = build_trainer(cfg, accelerator, [DatasetRecords(tracking), tracking, best])
+    package_index = PackageIndex() if fast_package_index else None
     try:
-        try:
-            started = time.perf_counter()
-            if stop is not None:
-                stop.deferring = True
-            fit(cfg, accelerator, module, datamodule, callbacks, resume)
-        finally:
-            if stop is not None:
-                stop.deferring = False
-            worker.close()
-        # The last epoch's uploads ran after training: they may have met a full disk too.
-        worker.check()
-        if client.offline and cfg.tracking.autolog and not reopen:
-            # Autolog's own end-of-fit write (the model summary) failed with the server down;
-            # the same text goes to the spool so that the replayed run lacks nothing.
-            with tempfile.TemporaryDirectory(prefix="dlharness-summary-") as scratch:
-                summary = Path(scratch) / "model_summary.txt"
-                summary.write_text(str(ModelSummary(module, max_depth=-1)))
-                client.log_artifact(run_id, str(summary))
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
         timings = {
             "fit": time.perf_counter() - started,
-            "checkpoint_save": checkpoints.save_seconds,
-            **{f"worker/{job}": seconds for job, seconds in worker.seconds.items()},
+            "checkpoint_save": tracking.save_seconds,
+            **{f"worker/{job}": seconds for job, seconds in tracking.job_seconds.items()},
         }
         started = time.perf_counter()
-        package_index.install()  # before the first model log of this process
+        if package_index is not None:
+            package_index.install()  # before the first model log of this process
         timings["package_index"] = time.perf_counter() - started
         device = TORCH_DEVICES[accelerator]
         try:
-            return finish(cfg, module, datamodule, checkpoints, run, device, timings, client)
+            return finish(cfg, module, datamodule, tracking, best, run, device, timings, client)
         except OSError as exc:
             failure = as_storage_error("logging the evaluation and the model", exc)
             if failure is None:
                 raise
             raise failure from None
     finally:
-        checkpoints.close()
-        package_index.close()
+        if package_index is not None:
+            package_index.close()

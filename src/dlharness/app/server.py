@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
-from dlharness.redaction import redact_uri
+from dlharness.tracking.redaction import redact_uri
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000

@@ -1,4 +1,4 @@
-"""What tracking costs: the same training four ways, timed (behind `scripts/bench.py`).
+"""What tracking costs: the same training four ways, timed (`python scripts/bench.py --help`).
 
 (a) a plain PyTorch loop doing the module's work (forward, loss, backward, step, the same
     torchmetrics); (b) bare Lightning (no logger, checkpointing or progress bar);
@@ -95,7 +95,7 @@ def write_synthetic_cifar(root: Path, samples: int, seed: int = 0) -> None:
 
 
 def build_config(work: Workload, data_dir: Path, store: Path, accelerator: str):
-    from dlharness.config import load_config
+    from dlharness.app.config import load_config
 
     values: dict[str, Any] = {
         "trainer.max_epochs": work.epochs,
@@ -124,9 +124,9 @@ def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from dlharness.data import build_datamodule
+    from dlharness.app.components import build_datamodule, net_spec
     from dlharness.models.classifier import OPTIMIZERS, classification_metrics
-    from dlharness.models.nets import build_net, net_spec
+    from dlharness.models.nets import build_net
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # As (b) and (c) run: Trainer(deterministic="warn").
@@ -207,8 +207,7 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
     import lightning as L
     import mlflow
 
-    from dlharness.data import build_datamodule
-    from dlharness.train import build_module
+    from dlharness.app.components import build_datamodule, build_module
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -233,9 +232,9 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
 
 
 def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
-    from dlharness.train import train
+    from dlharness.app.train import train
 
-    result = train(cfg)
+    result = train(cfg, fast_package_index=True)
     t = result.timings
     epochs = cfg.trainer.max_epochs
     workers = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("worker/")}
@@ -246,7 +245,7 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
         "checkpoint_save": t["checkpoint_save"] + workers.get("checkpoint write", 0.0),
         "artifact_upload": workers.get("checkpoint upload", 0.0),
     }
-    from dlharness.data import build_datamodule
+    from dlharness.app.components import build_datamodule
 
     images = build_datamodule(cfg.data, cfg.seed).split_sizes()["train"] * epochs
     return {
@@ -260,7 +259,8 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
             in (
                 "environment tags",
                 "source and requirements",
-                "model tags",
+                "hyperparameters",
+                "model summary",
                 "dataset records",
                 "training sample grid",
             )
@@ -335,7 +335,7 @@ def measure(
                 else:
                     out = Path(scratch) / "out.json"
                     argv = [
-                        *(sys.executable, "-m", "dlharness.bench", "--worker", variant),
+                        *(sys.executable, __file__, "--worker", variant),
                         *("--device", device, "--workload", json.dumps(asdict(work))),
                         *("--scratch", scratch, "--worker-out", str(out)),
                     ]

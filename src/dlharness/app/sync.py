@@ -32,7 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here so that --help answers without loading MLflow.
-    from dlharness.tracking.run import check_tracking_uri
+    from dlharness.app.model_logging import FINAL_MODEL_OP, replay_final_model
+    from dlharness.app.run_lifecycle import check_tracking_uri
     from dlharness.tracking.spool import SYNCED, ReplayError, Spool, replay
 
     try:
@@ -47,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             uri = args.tracking_uri or spool.meta["tracking_uri"]
             check_tracking_uri(uri)
-            count = replay(spool, uri)
+            count = replay(spool, uri, {FINAL_MODEL_OP: replay_final_model})
             print(f"{folder}: {count} spooled operations replayed into run {spool.run_id}")
     except UsageError as exc:
         print(f"dlharness-sync: error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dlharness.config import (
+from dlharness.app.config import (
     ACCELERATORS,
     DATASETS,
     MODELS,
@@ -24,7 +24,7 @@ from dlharness.config import (
     load_config,
 )
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
-from dlharness.interruption import TrainingInterrupted
+from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.worker import StorageError
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--config cannot be combined with --resume: the run's config is used"
                 )
             # Imported here so that --help and config errors answer without loading torch.
-            from dlharness.resume import prepare_resume
+            from dlharness.app.resume import prepare_resume
 
             overrides = overrides_from_args(args)
             uri = load_config(None, overrides).resolved_tracking_uri()
@@ -210,9 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if resume is not None:
                 resume.cleanup()
             return 0
-        from dlharness.train import train
+        from dlharness.app.train import train
 
-        result = train(cfg, resume)
+        result = train(cfg, resume, fast_package_index=True)
     except UsageError as exc:
         print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)
         return EXIT_USAGE

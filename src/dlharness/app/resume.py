@@ -8,7 +8,6 @@ training.
 
 from __future__ import annotations
 
-import pickle
 import re
 import shutil
 import tempfile
@@ -17,23 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from dlharness.config import TrainConfig, flatten, load_config, set_dotted
+from dlharness.app.config import TrainConfig, load_config, set_dotted
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
-from dlharness.tracking.checkpoints import (
-    CHECKPOINT_FILE,
-    CheckpointError,
-    epoch_dir,
-    fetch_checkpoint,
-    stored_epochs,
-)
+from dlharness.tracking.checkpoints import CheckpointError, checkpoint_path, stored_epochs
+from dlharness.tracking.params import flatten
 
 # What a resume may change: where and how long it trains, and what it logs on the side.
 # Everything else (data, network, optimiser, seed, precision) would not continue the same
@@ -120,40 +113,6 @@ def apply_overrides(logged: dict[str, Any], overrides: Mapping[str, Any]) -> dic
     return data
 
 
-def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
-    """Load with ``weights_only=True`` and refuse anything that could name code to run."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
-        raise UsageError(
-            f"checkpoint {artifact} refused: it holds objects other than tensors and plain data "
-            f"({reason[:160]}); nothing in it was run"
-        ) from None
-    except Exception as exc:
-        raise UsageError(
-            f"checkpoint {artifact} is unreadable: {type(exc).__name__}: {exc}"
-        ) from None
-    hyper_parameters = state.get("hyper_parameters") or {}
-    if any("_instantiator" in str(key) for key in hyper_parameters):
-        raise UsageError(
-            f"checkpoint {artifact} refused: its hyperparameters name an _instantiator "
-            "(a class to construct on load); dlharness builds the network from its own config"
-        )
-    return state
-
-
-def load_stored_checkpoint(
-    client: MlflowClient, run_id: str, epoch: int, dst: Path
-) -> tuple[Path, dict[str, Any]]:
-    """Download epoch `epoch`'s checkpoint into `dst`, check its sha256 and load it safely."""
-    try:
-        path = fetch_checkpoint(client, run_id, epoch, dst)
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    return path, load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
-
-
 def prepare_resume(
     target: str,
     epoch: int | None,
@@ -187,10 +146,10 @@ def prepare_resume(
         )
     scratch = Path(tempfile.mkdtemp(prefix="dlharness-resume-"))
     try:
-        path, _ = load_stored_checkpoint(client, run_id, epoch, scratch)
-    except UsageError:
+        path = checkpoint_path(run_id, epoch, tracking_uri=tracking_uri, dst=scratch)
+    except CheckpointError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        raise UsageError(str(exc)) from None
     return ResumePoint(run_id, epoch, path, config, fork, scratch)
 
 

@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -22,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import dlharness
+from dlharness.tracking.spool import Spool, SpoolingClient
 
 CANDIDATE_ALIAS = "candidate"
 
@@ -141,21 +143,31 @@ def log_final_model(
     return model_info, onnx_info, version_
 
 
-def replay_final_model(
-    tracking_uri: str,
-    run_id: str,
-    folder: Path,
-    example_path: Path,
-    onnx_too: bool,
-    register: str | None,
+# The spooled operation `spool_final_model` journals and `replay_final_model` replays.
+FINAL_MODEL_OP = "final_model"
+
+
+def spool_final_model(
+    client: SpoolingClient, model_dir: Path, example: Path, onnx_too: bool, register: str | None
 ) -> None:
+    """The end-of-run model logging, for `dlharness-sync` to do once the server is back."""
+    client.spool_operation(
+        FINAL_MODEL_OP,
+        files={"model": model_dir, "example.npy": example},
+        onnx=onnx_too,
+        register=register,
+    )
+
+
+def replay_final_model(tracking_uri: str, spool: Spool, entry: dict[str, Any]) -> None:
     """Log the models that a tracking outage kept from being logged, into their run."""
     from dlharness.models.nets import build_net
 
+    folder = spool.file(entry, "model")
     net = build_net(json.loads((folder / "net_spec.json").read_text()))
     net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
-    example = torch.from_numpy(np.load(example_path))
+    example = torch.from_numpy(np.load(spool.file(entry, "example.npy")))
     mlflow.set_tracking_uri(tracking_uri)
     # Reopening the run marks it RUNNING; the journal's last entry sets its real end.
-    with mlflow.start_run(run_id=run_id):
-        log_final_model(net, example, onnx_too, register)
+    with mlflow.start_run(run_id=spool.run_id):
+        log_final_model(net, example, entry["onnx"], entry["register"])

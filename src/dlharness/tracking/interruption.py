@@ -28,17 +28,17 @@ class TrainingInterrupted(Exception):  # noqa: N818 (a stop, like KeyboardInterr
 class StopSignals:
     """While active, SIGINT and SIGTERM request a stop instead of killing the process.
 
-    During training (`deferring` True) a signal only records the request, which the
-    checkpoint callback honours at the next batch boundary: it stores the state, then raises
-    `TrainingInterrupted`. Outside training the signal raises it at once. A second SIGINT while
+    Deferring (during training) a signal only records the request, which `MlflowTracking`
+    honours at the next batch boundary: it stores the state, then raises `TrainingInterrupted`.
+    Otherwise the signal raises it at once. A second SIGINT while
     a stop is pending raises KeyboardInterrupt, for a user who will not wait.
 
     Handlers can only be installed from the main thread; elsewhere this does nothing.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, deferring: bool = False) -> None:
         self.requested: int | None = None
-        self.deferring = False
+        self.deferring = deferring
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:

@@ -1,0 +1,354 @@
+"""`MlflowTracking` in projects that are not dlharness: Lightning's BoringModel, a module written
+like a typical external project, an active MLflow run, an MLFlowLogger, resume, misuse."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import tempfile
+import threading
+from pathlib import Path
+from urllib.parse import urlparse
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import dlharness
+from dlharness import CheckpointError, MlflowTracking, checkpoint_path
+from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, stored_epochs
+
+from .conftest import artifact_paths, empty_store
+
+EXTERNAL_KEYS = ("train_loss_epoch", "val_loss", "val_acc")
+
+
+class ExternalModule(L.LightningModule):
+    """Written as a typical project writes one: flat metric names, nothing returned from
+    validation_step, hyperparameters saved."""
+
+    def __init__(self, hidden: int = 16, lr: float = 0.05, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            nn.Linear(8, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 3)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits, y), on_epoch=True)
+        self.log("val_acc", (logits.argmax(1) == y).float().mean(), on_epoch=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+class ExternalData(L.LightningDataModule):
+    """Three separable classes of 8 features; the training loader shuffles with torch's global
+    generator (Lightning's default DataLoader)."""
+
+    def __init__(self, batch_size: int = 16) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def setup(self, stage: str) -> None:
+        generator = torch.Generator().manual_seed(0)
+        y = torch.arange(240) % 3
+        x = torch.randn(240, 8, generator=generator) + F.one_hot(y, 8).float() * 2
+        self.train_set = TensorDataset(x[:192], y[:192])
+        self.val_set = TensorDataset(x[192:], y[192:])
+
+    def train_dataloader(self):
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val_set, batch_size=48)
+
+
+def trainer_for(tracking: MlflowTracking, max_epochs: int = 2, **kwargs) -> L.Trainer:
+    kwargs.setdefault("logger", False)
+    return L.Trainer(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        callbacks=[tracking],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **kwargs,
+    )
+
+
+def only_run(uri: str, experiment: str):
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+def steps(client: MlflowClient, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+def dlharness_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("dlharness")]
+
+
+def scratch_dirs() -> set[Path]:
+    return set(Path(tempfile.gettempdir()).glob("dlharness-*"))
+
+
+def own_environment() -> dict[str, str]:
+    """The process's environment but MLflow's telemetry session, which MLflow manages itself."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("_MLFLOW_TELEMETRY")}
+
+
+@pytest.fixture
+def uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite store; the experiments MlflowTracking creates keep their artifacts (and
+    any spool) in `tmp_path`, MLflow's default being the working directory."""
+    monkeypatch.chdir(tmp_path)
+    return empty_store(tmp_path)
+
+
+def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lacks(
+    uri, tmp_path, caplog
+):
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="boring", system_metrics=False)
+    trainer = trainer_for(tracking, limit_train_batches=4, limit_val_batches=2)
+    env_before, scratch_before = own_environment(), scratch_dirs()
+    with caplog.at_level(logging.WARNING, logger="dlharness"):
+        trainer.fit(BoringModel())
+
+    run = only_run(uri, "boring")
+    assert run.info.status == "FINISHED" and run.info.run_id == tracking.run.run_id
+    client = MlflowClient(uri)
+    assert stored_epochs(client, run.info.run_id) == [0, 1]
+    assert {"env.accelerator", "torch.version", "mlflow.user", "model.parameters"} <= set(
+        run.data.tags
+    )
+    paths = artifact_paths(client, run.info.run_id)
+    assert {"requirements.txt", "model_summary.txt"} <= paths
+    # What BoringModel does not give, said once each, in one line.
+    notes = [r.getMessage() for r in caplog.records]
+    assert sum("no epoch-level metrics" in n for n in notes) == 1
+    assert sum("no confusion matrix" in n for n in notes) == 1
+    assert all("\n" not in n for n in notes)
+    # The checkpoint is a Lightning checkpoint of this module, safe to load.
+    path = checkpoint_path(run.info.run_id, tracking_uri=uri, dst=tmp_path / "ckpt")
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == 1 and set(state["state_dict"]) == set(BoringModel().state_dict())
+    # It owned its thread, its files and nothing else.
+    assert dlharness_threads() == []
+    assert scratch_dirs() <= scratch_before
+    assert own_environment() == env_before
+    assert type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"
+
+
+def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkpoint(
+    uri, monkeypatch
+):
+    # MLflow's sampler publishes after each interval (10 s by default): a run this short
+    # would end before the first one.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    tracking = MlflowTracking(
+        tracking_uri=uri, experiment_name="external", monitor="val_loss", keep_last=1
+    )
+    trainer = trainer_for(tracking, max_epochs=4)
+    trainer.fit(ExternalModule(), datamodule=ExternalData())
+
+    client = MlflowClient(uri)
+    run = only_run(uri, "external")
+    run_id = run.info.run_id
+    for key in EXTERNAL_KEYS:
+        assert steps(client, run_id, key) == [0, 1, 2, 3], key
+    # Per-step values are not epoch values.
+    assert not {"train_loss", "train_loss_step"} & set(run.data.metrics)
+    params = run.data.params
+    assert (params["hidden"], params["lr"], params["batch_size"]) == ("16", "0.05", "16")
+    val_loss = {m.step: m.value for m in client.get_metric_history(run_id, "val_loss")}
+    best = min(val_loss, key=val_loss.get)
+    assert run.data.tags[BEST_EPOCH_TAG] == str(best) == str(tracking.best_epoch)
+    assert stored_epochs(client, run_id) == sorted({best, 3})
+    assert any(key.startswith("system/") for key in run.data.metrics)
+    # trainer.test(ckpt_path="best") and validate load the best stored checkpoint.
+    [result] = trainer.validate(datamodule=ExternalData(), ckpt_path="best", verbose=False)
+    assert result["val_loss"] == pytest.approx(val_loss[best], rel=1e-5)
+
+
+def test_inside_an_active_run_it_logs_there_and_leaves_it_open(uri):
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("mine")
+    with mlflow.start_run() as active:
+        trainer_for(MlflowTracking(system_metrics=False)).fit(
+            ExternalModule(), datamodule=ExternalData()
+        )
+        client = MlflowClient(uri)
+        assert client.get_run(active.info.run_id).info.status == "RUNNING"
+        mlflow.log_metric("my_own", 1.0)
+    run = only_run(uri, "mine")
+    assert run.info.run_id == active.info.run_id and run.info.status == "FINISHED"
+    assert steps(client, run.info.run_id, "val_loss") == [0, 1]
+    assert stored_epochs(client, run.info.run_id) == [0, 1]
+
+
+def test_with_an_mlflow_logger_there_is_one_run(uri, caplog):
+    logger = MLFlowLogger(experiment_name="with-logger", tracking_uri=uri)
+    tracking = MlflowTracking(system_metrics=False)
+    with caplog.at_level(logging.WARNING, logger="dlharness"):
+        trainer_for(tracking, logger=logger).fit(ExternalModule(), datamodule=ExternalData())
+
+    run = only_run(uri, "with-logger")
+    assert run.info.run_id == logger.run_id == tracking.run.run_id
+    client = MlflowClient(uri)
+    assert stored_epochs(client, run.info.run_id) == [0, 1]
+    # The logger writes the metrics, by global step; no second series at step = epoch.
+    logged = steps(client, run.info.run_id, "val_loss")
+    assert len(logged) == 2 and 0 not in logged
+    assert any("MLFlowLogger logs the metrics" in r.getMessage() for r in caplog.records)
+
+
+def test_resume_through_checkpoint_path_is_bit_exact_and_continues_the_histories(uri):
+    def fit(epochs: int, run_id: str | None = None, name: str = "straight"):
+        L.seed_everything(7, workers=True)
+        module = ExternalModule()
+        tracking = MlflowTracking(
+            run_id=run_id, tracking_uri=uri, experiment_name=name, system_metrics=False
+        )
+        ckpt = checkpoint_path(run_id, tracking_uri=uri) if run_id else None
+        trainer_for(tracking, max_epochs=epochs).fit(
+            module, datamodule=ExternalData(), ckpt_path=ckpt
+        )
+        return module, tracking.run.run_id
+
+    straight, straight_id = fit(4)
+    _, resumed_id = fit(2, name="resumed")
+    resumed, same_id = fit(4, run_id=resumed_id, name="resumed")
+
+    assert same_id == resumed_id
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+    client = MlflowClient(uri)
+    assert client.get_run(resumed_id).info.status == "FINISHED"
+    for key in EXTERNAL_KEYS:
+        ours = [(m.step, m.value) for m in client.get_metric_history(resumed_id, key)]
+        theirs = [(m.step, m.value) for m in client.get_metric_history(straight_id, key)]
+        assert sorted(ours) == sorted(theirs), key
+
+
+def test_a_monitor_never_logged_stops_the_fit_naming_what_was_logged(uri):
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="misuse", monitor="val/loss")
+    with pytest.raises(MisconfigurationException, match=r"val/loss.*`val_acc`, `val_loss`"):
+        trainer_for(tracking).fit(ExternalModule(), datamodule=ExternalData())
+    assert only_run(uri, "misuse").info.status == "FAILED"
+    assert dlharness_threads() == []
+
+
+class FailsInEpoch1(ExternalModule):
+    def __init__(self, error: type[BaseException]) -> None:
+        super().__init__()
+        self.error = error
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise self.error("boom")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("error", "raised", "status"),
+    [(RuntimeError, RuntimeError, "FAILED"), (KeyboardInterrupt, SystemExit, "KILLED")],
+)
+def test_a_failed_or_interrupted_fit_ends_its_run_and_keeps_what_was_stored(
+    uri, error, raised, status
+):
+    scratch_before = scratch_dirs()
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="ends")
+    sigint = signal.getsignal(signal.SIGINT)
+    # Lightning turns Ctrl-C into a graceful shutdown that ignores SIGINT and exits with 1.
+    try:
+        with pytest.raises(raised):
+            trainer_for(tracking).fit(FailsInEpoch1(error), datamodule=ExternalData())
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    run = only_run(uri, "ends")
+    assert run.info.status == status
+    assert stored_epochs(MlflowClient(uri), run.info.run_id) == [0]
+    assert dlharness_threads() == [] and scratch_dirs() <= scratch_before
+
+
+def test_checkpoint_path_refuses_what_it_cannot_vouch_for(uri, tmp_path):
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="refusals", system_metrics=False)
+    trainer_for(tracking, max_epochs=1).fit(ExternalModule(), datamodule=ExternalData())
+    run_id = tracking.run.run_id
+    with pytest.raises(CheckpointError, match="no checkpoint for epoch 5; logged: 0"):
+        checkpoint_path(run_id, 5, tracking_uri=uri)
+    with pytest.raises(CheckpointError, match=f"run {'0' * 32}"):
+        checkpoint_path("0" * 32, tracking_uri=uri)
+    artifacts = urlparse(MlflowClient(uri).get_run(run_id).info.artifact_uri).path
+    stored = Path(artifacts) / "checkpoints/epoch_0/checkpoint.pth"
+    stored.write_bytes(stored.read_bytes()[:500])
+    with pytest.raises(CheckpointError, match="does not match its sha256"):
+        checkpoint_path(run_id, tracking_uri=uri, dst=tmp_path)
+
+
+def test_public_api_is_the_documented_one():
+    assert set(dlharness.__all__) >= {"MlflowTracking", "checkpoint_path", "train", "load_config"}
+    for name in dlharness.__all__:
+        assert getattr(dlharness, name) is not None
+    with pytest.raises(ValueError, match="mode must be 'min' or 'max'"):
+        MlflowTracking(mode="best")
+    with pytest.raises(ValueError, match="keep_last"):
+        MlflowTracking(keep_last=0)
+
+
+def test_a_lightning_cli_config_names_it_by_class_path(uri, tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    config = tmp_path / "fit.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_epochs: 1
+  accelerator: cpu
+  logger: false
+  enable_progress_bar: false
+  callbacks:
+    - class_path: dlharness.MlflowTracking
+      init_args:
+        tracking_uri: {uri}
+        experiment_name: cli
+        monitor: val_loss
+        keep_last: 2
+        class_names: [a, b, c]
+"""
+    )
+    cli = LightningCLI(
+        ExternalModule, ExternalData, args=["fit", f"--config={config}"], save_config_callback=None
+    )
+    [tracking] = [c for c in cli.trainer.callbacks if isinstance(c, MlflowTracking)]
+    assert (tracking.monitor, tracking.keep_last, tracking.class_names) == (
+        "val_loss",
+        2,
+        ("a", "b", "c"),
+    )
+    run = only_run(uri, "cli")
+    assert run.info.status == "FINISHED" and run.info.run_id == tracking.run.run_id
+    assert steps(MlflowClient(uri), run.info.run_id, "val_loss") == [0]
