@@ -1,4 +1,4 @@
-"""Resuming from logged checkpoints: exact, crash-proof, safe; real subprocesses, real SQLite."""
+"""Resuming from logged checkpoints: exact, crash-proof, safe; real processes, real SQLite."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from dlharness.tracking.checkpoints import (
 from dlharness.tracking.interruption import TrainingInterrupted
 
 from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store
+from .forked_cli import ForkedCli
 
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
 EPOCHS = 6
@@ -85,27 +86,24 @@ def assert_same_training(
         assert torch.allclose(mine["state_dict"][name], tensor, rtol=0, atol=weights_atol), name
 
 
-def start_training(folder: Path, uri: str, config: Path, *flags: str) -> subprocess.Popen:
-    argv = [PYTHON, TRAIN_SCRIPT, "--config", str(config), "--tracking-uri", uri, *flags]
-    return subprocess.Popen(
-        argv,
-        cwd=folder,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def start_training(folder: Path, uri: str, config: Path, *flags: str) -> ForkedCli:
+    return ForkedCli(["--config", str(config), "--tracking-uri", uri, *flags], folder)
 
 
 def wait_for(
-    folder: Path, pattern: str, proc: subprocess.Popen, ignore: set[Path], timeout_s: float = 240
+    folder: Path,
+    pattern: str,
+    proc: ForkedCli | subprocess.Popen,
+    ignore: set[Path],
+    timeout_s: float = 240,
 ) -> Path:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         found = set(folder.glob(pattern)) - ignore
         if found:
             return found.pop()
-        assert proc.poll() is None, f"training ended before {pattern}: {proc.stderr.read()}"
+        output = proc.output() if isinstance(proc, ForkedCli) else "see its stderr"
+        assert proc.poll() is None, f"training ended before {pattern}: {output}"
         time.sleep(0.01)
     raise AssertionError(f"{pattern} never appeared")
 
@@ -242,7 +240,8 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     record = wait_for(folder, pattern, proc, ignore=earlier)
     time.sleep(0.15)  # into epoch 3: epochs take about 0.4 s here
     proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    stderr = proc.output()
     assert proc.returncode == 128 + signum, stderr
     assert "Traceback" not in stderr
     run_id = run_id_of(record)
@@ -251,11 +250,10 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     assert message.startswith(f"dlharness-train: interrupted by {signum.name}")
     assert f"Run {run_id} ended KILLED" in message
 
+    # The printed arguments (the Ctrl-C test runs the real script and checks its program).
     command = shlex.split(message.split("resume: ", 1)[1])
-    resumed = subprocess.run(
-        command, cwd=folder, env=cli_env(), capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = ForkedCli(command[command.index("--resume") :], folder)
+    assert resumed.wait(timeout=300) == 0, resumed.output()
     assert client.get_run(run_id).info.status == "FINISHED"
     assert_one_value_per_epoch(client, run_id)
     where = re.search(r"at epoch (\d+)|after epoch (\d+)", message)
@@ -264,12 +262,20 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     assert_nothing_running(uri)
 
 
-def test_ctrl_c_to_the_real_cli_ends_killed_with_exit_130_and_the_state_stored(lab):
+def test_ctrl_c_to_the_real_script_ends_killed_with_exit_130_and_the_state_stored(lab):
     folder, uri, config, _ = lab
     client = MlflowClient(uri)
     pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
     earlier = set(folder.glob(pattern))
-    proc = start_training(folder, uri, config, "--run-name", "ctrl-c")
+    argv = [PYTHON, TRAIN_SCRIPT, "--config", str(config), "--tracking-uri", uri]
+    proc = subprocess.Popen(
+        [*argv, "--run-name", "ctrl-c"],
+        cwd=folder,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     record = wait_for(folder, pattern, proc, ignore=earlier)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
@@ -278,7 +284,7 @@ def test_ctrl_c_to_the_real_cli_ends_killed_with_exit_130_and_the_state_stored(l
     run_id = run_id_of(record)
     message = stderr.strip().splitlines()[-1]
     assert message.startswith("dlharness-train: interrupted by SIGINT")
-    assert f"--resume {run_id}" in message
+    assert f"resume: {PYTHON} {TRAIN_SCRIPT} --resume {run_id} --tracking-uri {uri}" in message
     assert client.get_run(run_id).info.status == "KILLED"
     # The state at the stop is stored after epoch 1's: a later epoch, or epoch 1 again.
     stored = stored_epochs(client, run_id)
