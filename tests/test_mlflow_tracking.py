@@ -16,6 +16,7 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -84,12 +85,14 @@ class ExternalData(L.LightningDataModule):
         return DataLoader(self.val_set, batch_size=48)
 
 
-def trainer_for(tracking: MlflowTracking, max_epochs: int = 2, **kwargs) -> L.Trainer:
+def trainer_for(
+    tracking: MlflowTracking, max_epochs: int = 2, others: tuple = (), **kwargs
+) -> L.Trainer:
     kwargs.setdefault("logger", False)
     return L.Trainer(
         max_epochs=max_epochs,
         accelerator="cpu",
-        callbacks=[tracking],
+        callbacks=[*others, tracking],
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
@@ -196,8 +199,12 @@ def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkp
 def test_inside_an_active_run_it_logs_there_and_leaves_it_open(uri):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("mine")
+    # Stops after epoch 1 (no improvement of 100): the checkpoint period of 5 never comes, the
+    # epoch it stops at is stored all the same.
+    stop = EarlyStopping(monitor="val_loss", patience=0, min_delta=100)
+    tracking = MlflowTracking(system_metrics=False, every_n_epochs=5)
     with mlflow.start_run() as active:
-        trainer_for(MlflowTracking(system_metrics=False)).fit(
+        trainer_for(tracking, max_epochs=4, others=(stop,)).fit(
             ExternalModule(), datamodule=ExternalData()
         )
         client = MlflowClient(uri)
@@ -206,7 +213,7 @@ def test_inside_an_active_run_it_logs_there_and_leaves_it_open(uri):
     run = only_run(uri, "mine")
     assert run.info.run_id == active.info.run_id and run.info.status == "FINISHED"
     assert steps(client, run.info.run_id, "val_loss") == [0, 1]
-    assert stored_epochs(client, run.info.run_id) == [0, 1]
+    assert stored_epochs(client, run.info.run_id) == [1]
 
 
 def test_with_an_mlflow_logger_there_is_one_run(uri, caplog):

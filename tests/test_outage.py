@@ -160,22 +160,22 @@ def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_compl
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    tracking = MlflowTracking(tracking_uri=url, experiment_name="own", system_metrics=False)
-    trainer = L.Trainer(
-        max_epochs=4,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=[KillServerAtEpoch(server, tmp_path / "artifacts", 2), tracking],
-    )
-    with pytest.warns(SpoolWarning):
-        trainer.fit(ExternalModule(), datamodule=ExternalData())
-    run_id = tracking.run.run_id
-    spool = tmp_path / "mlflow-spool" / run_id
-    assert (spool / "journal.jsonl").is_file()
-
-    server = start_server(tmp_path, port)  # the same backend and artifact folder
     try:
+        tracking = MlflowTracking(tracking_uri=url, experiment_name="own", system_metrics=False)
+        trainer = L.Trainer(
+            max_epochs=4,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            callbacks=[KillServerAtEpoch(server, tmp_path / "artifacts", 2), tracking],
+        )
+        with pytest.warns(SpoolWarning):
+            trainer.fit(ExternalModule(), datamodule=ExternalData())
+        run_id = tracking.run.run_id
+        spool = tmp_path / "mlflow-spool" / run_id
+        assert (spool / "journal.jsonl").is_file()
+
+        server = start_server(tmp_path, port)  # the same backend and artifact folder
         client = MlflowClient(url)
         assert client.get_run(run_id).info.status == "RUNNING"  # its end is in the spool too
         assert sync_main([str(spool)]) == 0

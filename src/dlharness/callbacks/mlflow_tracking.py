@@ -219,6 +219,7 @@ class MlflowTracking(Checkpoint):
         self._images_tagged = False
         self._upload: Future | None = None
         self._said: set[str] = set()
+        self._downloaded: dict[int, str] = {}
 
     @property
     @override
@@ -243,7 +244,11 @@ class MlflowTracking(Checkpoint):
         )
         if self._fitting or self.run is None or epoch is None:
             return ""
-        return str(checkpoint_path(self.run.run_id, epoch, tracking_uri=self.run.tracking_uri))
+        # Lightning reads it twice per `test(ckpt_path="best")`: one download.
+        if epoch not in self._downloaded:
+            path = checkpoint_path(self.run.run_id, epoch, tracking_uri=self.run.tracking_uri)
+            self._downloaded[epoch] = str(path)
+        return self._downloaded[epoch]
 
     def submit(self, what: str, job: Any, *args: Any) -> Future | None:
         """Run ``job(*args)`` on the tracking thread after everything queued so far; a failure
@@ -352,6 +357,7 @@ class MlflowTracking(Checkpoint):
         self.history, self.stored_epochs = {}, []
         self.best_epoch = self.best_value = self._rng_to_restore = None
         self.run = self.client = None
+        self._downloaded = {}
         self._logged = LoggedSteps()
         self._confusion = ValidationConfusion(self.num_classes)
         self._epoch_confusion = None

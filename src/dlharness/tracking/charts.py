@@ -160,9 +160,7 @@ def loss_chart(history: History) -> Image.Image:
 def metric_chart(history: History) -> Image.Image:
     """Every validation metric but the losses (`val/acc`, `val_f1`, ...), by epoch."""
     keys = [
-        key
-        for key in _keys(history)
-        if key.lower().startswith("val") and "loss" not in key.lower()
+        key for key in _keys(history) if key.lower().startswith("val") and "loss" not in key.lower()
     ]
     return curve_chart(history, keys[: len(PALETTE)], "Validation metrics by epoch")
 
