@@ -47,8 +47,13 @@ from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
-from dlharness.tracking.checkpoints import CHECKPOINT_FILE, epoch_dir, load_checkpoint_safely
-from dlharness.tracking.checkpoints import checkpoint_path as stored_checkpoint
+from dlharness.tracking.checkpoints import (
+    CHECKPOINT_FILE,
+    CheckpointError,
+    checkpoint_path,
+    epoch_dir,
+    load_checkpoint_safely,
+)
 from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.params import log_params_once
@@ -199,10 +204,13 @@ def finish(
         module.load_state_dict(best.state)
     else:  # stored by an earlier process of this run
         with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
-            path = stored_checkpoint(
-                run_id, epoch, tracking_uri=cfg.tracking.tracking_uri, dst=scratch
-            )
-            state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+            try:
+                path = checkpoint_path(
+                    run_id, epoch, tracking_uri=cfg.tracking.tracking_uri, dst=scratch
+                )
+                state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+            except CheckpointError as exc:
+                raise UsageError(str(exc)) from None
         module.load_state_dict(state["state_dict"])
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
