@@ -289,7 +289,7 @@ class SpoolingClient(MlflowClient):
 Replayer = Callable[[str, "Spool", dict[str, Any]], None]
 
 
-def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] = {}) -> int:
+def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] | None = None) -> int:
     """Send a spool's journal to the run, in order; return the number of operations.
 
     `replayers` replay the operations an application spooled itself (the harness's final
@@ -308,7 +308,7 @@ def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] = 
         if entry["seq"] <= done:  # replayed by an earlier, interrupted sync
             continue
         try:
-            _replay_one(client, spool, entry, seen, tracking_uri, replayers)
+            _replay_one(client, spool, entry, seen, tracking_uri, replayers or {})
         except Exception as exc:
             first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             raise ReplayError(
