@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train server test lint format clean
+.PHONY: venv train ui server test lint format clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml
 
 train: venv
 	$(BIN)/python scripts/train.py $(ARGS)
+
+# The MLflow UI on the default store, http://127.0.0.1:5000 (ARGS="--port 5001" for another).
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db $(ARGS)
 
 # A shared tracking server on 127.0.0.1:5000; BACKEND_STORE_URI=postgresql://… for PostgreSQL.
 server: venv

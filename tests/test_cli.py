@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import socket
 import subprocess
 from pathlib import Path
@@ -11,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import FLAGS, build_parser, main
+from dlharness.app.cli import FLAGS, SWITCHES, build_parser, main
 
 from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
 
@@ -84,6 +86,7 @@ def write_bad_configs(folder: Path) -> None:
         "dropout.yaml": "model:\n  dropout: 1.5\n",
         "fractions.yaml": "data:\n  val_fraction: 0.6\n  test_fraction: 0.5\n",
         "monitor.yaml": "tracker:\n  monitor: val/speed\n",
+        "delta.yaml": "tracker:\n  min_delta: -1\n",
     }
     for name, text in files.items():
         (folder / name).write_text(text)
@@ -112,6 +115,12 @@ BAD_INPUTS = [
     (["--num-nodes", "0"], "trainer.num_nodes (--num-nodes) must be a positive number"),
     (["--checkpoint-every", "0"], "must be a positive number"),
     (["--keep-checkpoints", "0"], "must be a positive number"),
+    (["--warmup-epochs", "20"], "optim.warmup_epochs (--warmup-epochs) 20 leaves no epoch after"),
+    (["--warmup-epochs", "-1"], "must be 0 or more"),
+    (["--gradient-clip-val", "0"], "trainer.gradient_clip_val (--gradient-clip-val) must be a positive"),
+    (["--accumulate-grad-batches", "0"], "(--accumulate-grad-batches) must be a positive number"),
+    (["--early-stop-patience", "0"], "tracker.early_stop_patience (--early-stop-patience) must be 1"),
+    (["--augment", "rotate"], "invalid choice"),
     (["--dataset", "imagefolder", "--data-dir", "{tmp}/nope"], "does not exist"),
     (["--dataset", "mnist", "--data-dir", "{tmp}/empty"], "pass --download"),
     (["--tag", "novalue"], "--tag expects KEY=VALUE"),
@@ -131,6 +140,7 @@ BAD_INPUTS = [
     (["--config", "{tmp}/dropout.yaml"], "model.dropout must be in [0, 1)"),
     (["--config", "{tmp}/fractions.yaml"], "must leave a training split"),
     (["--config", "{tmp}/monitor.yaml"], "tracker.monitor 'val/speed' is not one of"),
+    (["--config", "{tmp}/delta.yaml"], "tracker.min_delta must be a finite number >= 0"),
     (["--precision", "16-mixed", "--accelerator", "cpu"], "use bf16-mixed or 32"),
     (["--precision", "64"], "invalid choice"),
     (["--devices", "0,1", "--accelerator", "cpu"], "on CPU give a count"),
@@ -219,7 +229,14 @@ def test_script_trains_into_the_default_store_with_plain_epoch_lines(tmp_path):
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
     assert "val/acc" in epoch_lines[0]
-    assert "compare epochs: mlflow ui --backend-store-uri sqlite:///mlflow.db" in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    printed = shlex.split(last.removeprefix("compare epochs: "))
+    assert printed[1:] == ["ui", "--backend-store-uri", "sqlite:///mlflow.db"]
+    # Works as printed, outside an activated virtual environment too.
+    shown = subprocess.run(
+        [*printed, "--help"], env=cli_env(PATH="/usr/bin:/bin"), capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and "--backend-store-uri" in shown.stdout, shown.stderr
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     [run] = client.search_runs([client.get_experiment_by_name("dlharness").experiment_id])
@@ -243,3 +260,13 @@ def test_console_script_entry_point_is_installed():
     proc = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "--tracking-uri" in proc.stdout
+
+
+def test_readme_flag_table_names_every_flag():
+    table = {
+        match.group(1)
+        for match in re.finditer(r"^\| `(--[a-z-]+)", (REPO / "README.md").read_text(), re.M)
+    }
+    switches = [switch[0] for switch in SWITCHES]
+    flags = [flag[0] for flag in FLAGS] + switches + ["--config", "--tag", "--print-config"]
+    assert sorted(set(flags) - table) == []

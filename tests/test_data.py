@@ -8,6 +8,7 @@ import torch
 
 from dlharness.app.components import build_datamodule
 from dlharness.app.config import DataConfig
+from dlharness.data.augmentation import crop_flip
 from dlharness.errors import UsageError
 
 from .datafiles import write_cifar10, write_image_folder, write_mnist
@@ -159,3 +160,47 @@ def test_download_failure_is_reported_on_one_line(tmp_path):
         dm.prepare_data()
     assert f"downloading mnist into {blocker / 'MNIST' / 'raw'} failed" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def first_batches(**values) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    dm = datamodule(**values)
+    dm.setup()
+    return {
+        split: next(iter(loader()))
+        for split, loader in (
+            ("train", dm.train_dataloader),
+            ("val", dm.val_dataloader),
+            ("test", dm.test_dataloader),
+        )
+    }
+
+
+def test_augmentation_changes_training_batches_only_and_follows_the_seed():
+    plain, augmented = first_batches(augment="none"), first_batches(augment="crop_flip")
+    (x_plain, y_plain), (x_aug, y_aug) = plain["train"], augmented["train"]
+    assert torch.equal(y_plain, y_aug)  # the same samples, in the same order
+    changed = [not torch.equal(a, b) for a, b in zip(x_plain, x_aug, strict=True)]
+    assert sum(changed) > len(changed) / 2
+    for split in ("val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(plain[split], augmented[split], strict=True))
+    again = first_batches(augment="crop_flip")["train"]
+    assert all(torch.equal(a, b) for a, b in zip(again, augmented["train"], strict=True))
+    other_seed = first_batches(augment="crop_flip", seed=1)["train"]
+    assert not torch.equal(other_seed[0], x_aug)
+
+
+def test_augmentation_on_the_device_equals_the_loaders():
+    """`data.on_device` augments whole batches at once: the same pictures as per sample."""
+    through_loader = first_batches(augment="crop_flip")["train"]
+    on_device = first_batches(augment="crop_flip", on_device=True)["train"]
+    assert all(torch.equal(a, b) for a, b in zip(on_device, through_loader, strict=True))
+
+
+def test_crop_flip_moves_pixels_as_its_draw_says():
+    # 8×8 images pad by 1: offsets 0..2 across and down, then the flip; draw = dx + 3 dy + 9 f.
+    image = torch.zeros(1, 1, 8, 8)
+    image[0, 0, 2, 5] = 1.0
+    for draw, (row, col) in {0: (3, 6), 4: (2, 5), 8: (1, 4), 9: (3, 1), 17: (1, 3)}.items():
+        out = crop_flip(image, torch.tensor([draw]))
+        assert out.shape == image.shape
+        assert out[0, 0, row, col] == 1.0 and out.sum() == 1.0, draw

@@ -323,6 +323,32 @@ def test_ctrl_c_mid_epoch_stops_there_and_resumes_exactly(lab, tmp_path, monkeyp
     assert_same_after_a_stop(client, run_id, references["cosine"], tmp_path, stopped_in=1)
 
 
+def test_augmented_run_stopped_mid_epoch_resumes_to_the_uninterrupted_one(
+    lab, tmp_path, monkeypatch
+):
+    """Random crops and flips come from the sampler's generator: a resume redraws them."""
+    _, uri, config, _ = lab
+    client = MlflowClient(uri)
+    augmented = {"tracking.tracking_uri": uri, "data.augment": "crop_flip"}
+    reference = train(load_config(config, {**augmented, "tracking.run_name": "aug-ref"})).run_id
+    original_step = ClassifierModule.training_step
+
+    def step_then_signal(module, batch, batch_idx):
+        if module.trainer.current_epoch == 2 and batch_idx == 9:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", step_then_signal)
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(load_config(config, {**augmented, "tracking.run_name": "aug-stopped"}))
+    monkeypatch.undo()
+    run_id = stopped.value.run_id
+    train(*resume_args(uri, run_id))
+    assert_one_value_per_epoch(client, run_id)
+    assert_same_after_a_stop(client, run_id, reference, tmp_path, stopped_in=2)
+    assert client.get_run(run_id).data.params["augment"] == "crop_flip"
+
+
 def resume_args(uri: str, run_id: str):
     point = prepare_resume(run_id, None, {"tracking.tracking_uri": uri}, uri, False)
     return point.config, point

@@ -14,6 +14,7 @@ from typing import Any
 
 from dlharness.app.config import (
     ACCELERATORS,
+    AUGMENTATIONS,
     DATASETS,
     MODELS,
     OPTIMIZERS,
@@ -40,10 +41,18 @@ FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
     ("--lr", "optim.lr", float, None, "learning rate"),
     ("--optimizer", "optim.optimizer", str, OPTIMIZERS, "optimizer"),
     ("--scheduler", "optim.scheduler", str, SCHEDULERS, "learning-rate schedule"),
+    ("--warmup-epochs", "optim.warmup_epochs", int, None,
+     "epochs of linear learning-rate warm-up before the schedule"),
+    ("--gradient-clip-val", "trainer.gradient_clip_val", float, None,
+     "clip gradients to this norm"),
+    ("--accumulate-grad-batches", "trainer.accumulate_grad_batches", int, None,
+     "sum the gradients of N batches per optimiser step"),
     ("--seed", "seed", int, None, "seed for splits, init, shuffling"),
     ("--dataset", "data.dataset", str, DATASETS, "data set"),
     ("--data-dir", "data.data_dir", str, None, "data root, or the image folder for imagefolder"),
     ("--num-workers", "data.num_workers", int, None, "data-loader worker processes"),
+    ("--augment", "data.augment", str, AUGMENTATIONS,
+     "training-split augmentation (unset: crop_flip for cifar10, none otherwise)"),
     ("--model", "model.name", str, MODELS, "network"),
     ("--experiment", "tracking.experiment", str, None, "MLflow experiment name"),
     ("--run-name", "tracking.run_name", str, None, "MLflow run name"),
@@ -55,6 +64,8 @@ FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
      "log a resumable checkpoint every N epochs (and the last)"),
     ("--keep-checkpoints", "tracker.keep_last_checkpoints", int, None,
      "checkpoints kept: the last K plus the best"),
+    ("--early-stop-patience", "tracker.early_stop_patience", int, None,
+     "stop after N validation epochs without an improvement of tracker.monitor"),
 )  # fmt: skip
 
 
@@ -116,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
         "resume",
         "continue a logged run from its checkpoint; its logged config is reused and only "
         "--max-epochs, --accelerator, --devices, --data-dir, --num-workers, --data-on-device, "
-        "--channels-last and logging flags may change",
+        "--channels-last, --early-stop-patience and logging flags may change",
     )
     resume.add_argument(
         "--resume",
@@ -242,8 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if result.tracking_uri.startswith(("http://", "https://")):
         print(f"compare epochs: {result.tracking_uri}/#/experiments/{result.experiment_id}")
     else:
-        print(f"compare epochs: mlflow ui --backend-store-uri {result.tracking_uri}")
+        ui = shlex.join([mlflow_command(), "ui", "--backend-store-uri", result.tracking_uri])
+        print(f"compare epochs: {ui}")
     return 0
+
+
+def mlflow_command() -> str:
+    """The `mlflow` of this interpreter's environment: typed as printed it works outside an
+    activated virtual environment too."""
+    beside = Path(sys.executable).with_name("mlflow")
+    return str(beside) if beside.is_file() else "mlflow"
 
 
 if __name__ == "__main__":

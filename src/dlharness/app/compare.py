@@ -19,10 +19,12 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from dlharness.app.config import DEFAULT_TRACKING_URI
+from dlharness.app.config import DEFAULT_TRACKING_URI, TrackingConfig
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 
 DEFAULT_METRICS = ("val/loss", "val/acc")
+# The experiment the harness trains into by default: what `compare` shows without arguments.
+DEFAULT_EXPERIMENT = TrackingConfig.experiment
 # (column, param) and (column, tag) of the --summary view.
 SUMMARY_PARAMS = (
     ("dataset", "data.dataset"),
@@ -78,8 +80,7 @@ class Comparison:
     ) -> list[Run]:
         if run_ids:
             return [self.get_run(run_id) for run_id in run_ids]
-        if experiment is None:
-            raise UsageError("name runs: --experiment NAME, run ids, or --filter with --experiment")
+        experiment = experiment or DEFAULT_EXPERIMENT
         found = self.client.get_experiment_by_name(experiment)
         if found is None:
             names = sorted(e.name for e in self.client.search_experiments())
@@ -332,7 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "run_ids", nargs="*", metavar="RUN_ID", help="runs to compare (default: none)"
     )
-    parser.add_argument("--experiment", help="compare the runs of this experiment (default: none)")
+    parser.add_argument(
+        "--experiment",
+        help=f"compare the runs of this experiment (default: {DEFAULT_EXPERIMENT}, "
+        "unless run ids are given)",
+    )
     parser.add_argument(
         "--filter", help="MLflow search filter, e.g. \"params.`optim.lr` = '0.01'\" (default: none)"
     )

@@ -12,8 +12,11 @@ from dlharness.models.nets import build_net
 
 
 def build_datamodule(cfg: DataConfig, seed: int) -> ClassificationDataModule:
+    """The data set's module; an unset `augment` takes the data set's default."""
+    module = DATAMODULES[cfg.dataset]
     values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name != "dataset"}
-    return DATAMODULES[cfg.dataset](**values, seed=seed)
+    values["augment"] = cfg.augment or module.default_augment
+    return module(**values, seed=seed)
 
 
 def net_spec(model: ModelConfig, info: DataInfo) -> dict[str, Any]:
@@ -38,5 +41,6 @@ def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> Clas
         weight_decay=cfg.optim.weight_decay,
         momentum=cfg.optim.momentum,
         scheduler=cfg.optim.scheduler,
+        warmup_epochs=cfg.optim.warmup_epochs,
         channels_last=cfg.trainer.channels_last,
     )

@@ -37,6 +37,7 @@ MONITORABLE = tuple(
     for name in ("loss", "acc", "precision", "recall", "f1", "auroc")
 )
 MODES = ("min", "max")
+AUGMENTATIONS = ("none", "crop_flip")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_KEY = re.compile(r"[\w\-. /]+")
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][\w\-.]*")
@@ -61,6 +62,10 @@ class DataConfig:
     # num_workers): a batch is then one indexing op, with no per-sample collation and no
     # host-to-device copy. For sets that fit in the device's memory (CIFAR-10: 0.6 GB).
     on_device: bool = False
+    # Training-split augmentation: none, or crop_flip (random crop after padding by an eighth of
+    # the side, and a horizontal flip); null takes the data set's default (crop_flip for
+    # cifar10, none for the others).
+    augment: str | None = None
 
 
 @dataclass
@@ -79,6 +84,8 @@ class OptimConfig:
     # Used by sgd only.
     momentum: float = 0.9
     scheduler: str = "cosine"
+    # Epochs of linear warm-up from lr/(N+1) to lr, before the schedule.
+    warmup_epochs: int = 0
 
 
 @dataclass
@@ -93,6 +100,10 @@ class TrainerConfig:
     deterministic: bool = True
     # NHWC weights and batches: faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
     channels_last: bool = False
+    # Lightning's own: clip gradients to this norm (null: no clipping); sum the gradients of
+    # this many batches before each optimiser step.
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
 
 
 @dataclass
@@ -124,6 +135,10 @@ class TrackerConfig:
     # Loss/metric curves and the validation confusion matrix, re-drawn every epoch.
     plots: bool = True
     onnx: bool = True
+    # Stop after this many validation epochs without an improvement of `monitor` by more than
+    # `min_delta`; null trains every epoch.
+    early_stop_patience: int | None = None
+    min_delta: float = 0.0
 
 
 @dataclass
@@ -285,6 +300,26 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"data.{key} must be in (0, 1), got {value}")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise UsageError("data.val_fraction + data.test_fraction must leave a training split (< 1)")
+    if cfg.data.augment is not None:
+        _choice("data.augment", cfg.data.augment, AUGMENTATIONS)
+    if cfg.optim.warmup_epochs < 0:
+        raise UsageError(f"optim.warmup_epochs must be 0 or more, got {cfg.optim.warmup_epochs}")
+    if cfg.optim.warmup_epochs >= cfg.trainer.max_epochs:
+        raise UsageError(
+            f"optim.warmup_epochs {cfg.optim.warmup_epochs} leaves no epoch after the warm-up "
+            f"of a {cfg.trainer.max_epochs}-epoch run; use fewer"
+        )
+    if cfg.trainer.gradient_clip_val is not None:
+        _positive("trainer.gradient_clip_val", cfg.trainer.gradient_clip_val)
+    _positive("trainer.accumulate_grad_batches", cfg.trainer.accumulate_grad_batches)
+    if cfg.tracker.early_stop_patience is not None and cfg.tracker.early_stop_patience < 1:
+        raise UsageError(
+            f"tracker.early_stop_patience must be 1 or more, got {cfg.tracker.early_stop_patience}"
+        )
+    if not (math.isfinite(cfg.tracker.min_delta) and cfg.tracker.min_delta >= 0):
+        raise UsageError(
+            f"tracker.min_delta must be a finite number >= 0, got {cfg.tracker.min_delta}"
+        )
     _choice("tracker.monitor", cfg.tracker.monitor, MONITORABLE)
     _choice("tracker.mode", cfg.tracker.mode, MODES)
     _positive("tracker.checkpoint_every_n_epochs", cfg.tracker.checkpoint_every_n_epochs)

@@ -51,6 +51,8 @@ SAFE_ON_RESUME = frozenset(
         "tracker.plots",
         "tracker.onnx",
         "tracker.keep_last_checkpoints",
+        "tracker.early_stop_patience",
+        "tracker.min_delta",
     }
 )
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")

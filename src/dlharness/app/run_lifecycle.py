@@ -22,6 +22,7 @@ from dlharness.errors import UsageError
 from dlharness.tracking.params import as_param_values, log_params_once
 from dlharness.tracking.redaction import redact, redact_tree
 from dlharness.tracking.run_binding import status_after
+from dlharness.tracking.run_names import fresh_run_name
 from dlharness.tracking.spool import Spool, is_unreachable
 
 # A tracking server that does not answer /health within this many seconds counts as down.
@@ -110,7 +111,7 @@ def tracked_run(
         tags[MLFLOW_RUN_NOTE] = tags["description"]
     run = mlflow.start_run(
         run_id=run_id,
-        run_name=None if run_id else cfg.tracking.run_name,
+        run_name=None if run_id else (cfg.tracking.run_name or fresh_run_name()),
         tags=tags or None,
         log_system_metrics=cfg.tracking.system_metrics,
     )

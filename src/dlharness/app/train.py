@@ -17,11 +17,13 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import mlflow
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
@@ -133,6 +135,8 @@ def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback])
         precision=cfg.trainer.precision,
         # "warn": deterministic kernels wherever they exist; CUDA ops without one only warn.
         deterministic="warn" if cfg.trainer.deterministic else False,
+        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         # MLflow is the logger (autolog + MlflowTracking); Lightning's own would log by step.
         logger=False,
         enable_progress_bar=interactive,
@@ -158,6 +162,42 @@ def build_tracking(cfg: TrainConfig, class_names: tuple[str, ...], single: bool)
         spool_dir=cfg.tracking.spool_dir,
         source_dir=str(Path(dlharness.__file__).parent),
     )
+
+
+class EarlyStop(EarlyStopping):
+    """Lightning's `EarlyStopping` whose patience is the config's also after a resume (Lightning
+    restores the checkpoint's), so that a stopped run resumed with more patience goes on."""
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        patience = self.patience
+        super().load_state_dict(state_dict)
+        self.patience = patience
+        # A fit resumed after an early stop has not stopped (yet).
+        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
+        self.stopping_reason_message = None
+
+
+def build_early_stop(cfg: TrainConfig) -> EarlyStop | None:
+    if cfg.tracker.early_stop_patience is None:
+        return None
+    return EarlyStop(
+        monitor=cfg.tracker.monitor,
+        mode=cfg.tracker.mode,
+        patience=cfg.tracker.early_stop_patience,
+        min_delta=cfg.tracker.min_delta,
+    )
+
+
+def early_stop_tags(early_stop: EarlyStop | None) -> dict[str, str]:
+    """Where and why the fit stopped early, as tags; none when it did not."""
+    if early_stop is None or early_stop.stopping_reason == EarlyStoppingReason.NOT_STOPPED:
+        return {}
+    return {
+        "dlharness.stopped_epoch": str(early_stop.stopped_epoch),
+        "dlharness.stop_reason": early_stop.stopping_reason_message
+        or early_stop.stopping_reason.name,
+    }
 
 
 class BestWeights(Checkpoint):
@@ -319,7 +359,8 @@ def _follow(cfg: TrainConfig, resume: ResumePoint | None) -> None:
     _quiet_irrelevant_warnings()
     # The callback does its I/O on global rank 0 only; here it takes part in the collectives.
     tracking = build_tracking(cfg, datamodule.info.class_names, single=False)
-    trainer = build_trainer(cfg, accelerator, [tracking])
+    early_stop = build_early_stop(cfg)
+    trainer = build_trainer(cfg, accelerator, [c for c in (early_stop, tracking) if c])
     trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
 
 
@@ -416,11 +457,15 @@ def _tracked_training(
     )
     tracking = build_tracking(cfg, datamodule.info.class_names, single)
     best = BestWeights(tracking)
-    trainer = build_trainer(cfg, accelerator, [DatasetRecords(tracking), tracking, best])
+    early_stop = build_early_stop(cfg)
+    callbacks = [DatasetRecords(tracking), early_stop, tracking, best]
+    trainer = build_trainer(cfg, accelerator, [c for c in callbacks if c is not None])
     package_index = PackageIndex() if fast_package_index else None
     try:
         started = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
+        if tags := early_stop_tags(early_stop):
+            set_run_tags(run_id, tags, client)
         timings = {
             "fit": time.perf_counter() - started,
             "checkpoint_save": tracking.save_seconds,

@@ -101,7 +101,7 @@ class MlflowTracking(Checkpoint):
         tracking_uri: For a new or continued run; else ``$MLFLOW_TRACKING_URI``, else MLflow's
             default.
         experiment_name: For a new run; else ``$MLFLOW_EXPERIMENT_NAME``, else ``dlharness``.
-        run_name: For a new run; else MLflow picks one.
+        run_name: For a new run; else an adjective-noun-number name, as MLflow gives.
         tags: Tags of a new run.
         monitor: The metric that picks the best checkpoint (kept beyond `keep_last`); None
             keeps no best. A monitor still unlogged when the first epoch with validation ends

@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torchvision.transforms import v2
 
+from dlharness.data.augmentation import AUGMENTATIONS, DRAW_RANGE, AugmentedSplit, crop_flip
+
 
 @dataclass(frozen=True)
 class DataInfo:
@@ -36,7 +38,8 @@ def image_transform(
 class TensorBatches(Dataset):
     """A whole split as two tensors, where a batch is one indexing op (`data.on_device`).
 
-    Its loader's `collate_fn` is `batch_as_is`: `__getitems__` already returns the batch.
+    Its loader's `collate_fn` is `batch_as_is`: `__getitems__` already returns the batch. A
+    sampler of ``(index, draw)`` pairs gets the batch augmented on the device (`crop_flip`).
     """
 
     def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
@@ -48,8 +51,12 @@ class TensorBatches(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.features[index], self.labels[index]
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.tensor(indices, device=self.labels.device)
+    def __getitems__(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        if items and isinstance(items[0], tuple):
+            indices, draws = zip(*items, strict=True)
+            index = torch.tensor(indices, device=self.labels.device)
+            return crop_flip(self.features[index], torch.tensor(draws)), self.labels[index]
+        index = torch.tensor(items, device=self.labels.device)
         return self.features[index], self.labels[index]
 
 
@@ -68,17 +75,20 @@ def stack_split(dataset: Dataset, num_workers: int, device: torch.device) -> Ten
     return TensorBatches(torch.cat(features).to(device), torch.cat(labels).to(device))
 
 
-class ResumableRandomSampler(Sampler[int]):
+class ResumableRandomSampler(Sampler):
     """A random order per pass from one seeded generator, that can resume mid-pass.
 
     `epoch_state` is the generator's state just before the current pass drew its order;
     `resume(state, skip)` makes the next pass draw that same order again and leave out its
-    first `skip` indices, so a run stopped after k batches continues with batch k + 1.
+    first `skip` indices, so a run stopped after k batches continues with batch k + 1. With
+    `draws`, each index comes paired with a number drawn after the order, which decides the
+    sample's augmentation: a resumed pass redraws the same ones.
     """
 
-    def __init__(self, size: int, generator: torch.Generator) -> None:
+    def __init__(self, size: int, generator: torch.Generator, draws: bool = False) -> None:
         self.size = size
         self.generator = generator
+        self.draws = draws
         self.epoch_state: torch.Tensor | None = None
         self._resume: tuple[torch.Tensor, int] | None = None
 
@@ -96,7 +106,11 @@ class ResumableRandomSampler(Sampler[int]):
             self.generator.set_state(state)
         self.epoch_state = self.generator.get_state()
         order = torch.randperm(self.size, generator=self.generator).tolist()
-        yield from order[skip:]
+        if not self.draws:
+            yield from order[skip:]
+            return
+        draws = torch.randint(DRAW_RANGE, (self.size,), generator=self.generator).tolist()
+        yield from list(zip(order, draws, strict=True))[skip:]
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -121,9 +135,13 @@ class ClassificationDataModule(L.LightningDataModule):
             transformed once): a batch is then one indexing op.
         download: Whether `prepare_data` may download missing files.
         seed: Seeds the split and the shuffling.
+        augment: ``none``, or ``crop_flip`` for the training split: random crops after
+            padding and horizontal flips, reproduced by the seed and by an exact resume.
     """
 
     name: ClassVar[str]
+    # What `augment` a harness run gets unless its config says.
+    default_augment: ClassVar[str] = "none"
 
     def __init__(
         self,
@@ -136,8 +154,11 @@ class ClassificationDataModule(L.LightningDataModule):
         on_device: bool = False,
         download: bool = False,
         seed: int = 42,
+        augment: str = "none",
     ) -> None:
         super().__init__()
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {augment!r}")
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size
@@ -148,6 +169,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.on_device = on_device
         self.download = download
         self.seed = seed
+        self.augment = augment
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -205,6 +227,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, sampler: Sampler | None = None) -> DataLoader:
         dataset = self.splits()[split]
+        augmented = split == "train" and self.augment != "none"
         # The loader draws its workers' base seed from this generator too; with the global
         # one it would shift the dropout draws between a run and its resumption.
         generator = self.shuffle_generator if sampler is not None else None
@@ -219,7 +242,7 @@ class ClassificationDataModule(L.LightningDataModule):
             )  # fmt: skip
         workers = self.num_workers
         return DataLoader(
-            dataset,
+            AugmentedSplit(dataset) if augmented else dataset,
             batch_size=size,
             sampler=sampler,
             generator=generator,
@@ -230,7 +253,9 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if self.train_sampler is None:
-            self.train_sampler = ResumableRandomSampler(len(self.train_set), self.shuffle_generator)
+            self.train_sampler = ResumableRandomSampler(
+                len(self.train_set), self.shuffle_generator, draws=self.augment != "none"
+            )
         return self._loader("train", self.train_sampler)
 
     def val_dataloader(self) -> DataLoader:

@@ -160,6 +160,8 @@ def read_cifar_batch(path: Path) -> dict[str, Any]:
 class CIFAR10DataModule(_TorchvisionDataModule):
     dataset_cls = datasets.CIFAR10
     name = "cifar10"
+    # resnet18 on CIFAR-10 plateaus far lower without random crops and flips.
+    default_augment = "crop_flip"
     in_channels = 3
     native_size = 32
     class_names = (

@@ -51,6 +51,8 @@ class ClassifierModule(L.LightningModule):
         scheduler: ``cosine`` anneals the rate to 0 over the trainer's `max_epochs` (read each
             epoch, so a resumed run given more epochs anneals over its new length);
             ``none`` keeps it fixed.
+        warmup_epochs: Epochs of linear warm-up before the schedule: epoch ``e < W`` trains
+            at ``lr * (e + 1) / (W + 1)``; the cosine then spans the epochs after it.
         channels_last: Keep weights and batches in NHWC order, which tensor-core convolutions
             read without a transpose.
     """
@@ -65,6 +67,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.0,
         momentum: float = 0.9,
         scheduler: str = "cosine",
+        warmup_epochs: int = 0,
         channels_last: bool = False,
     ) -> None:
         super().__init__()
@@ -143,15 +146,22 @@ class ClassifierModule(L.LightningModule):
         if hp.optimizer == "sgd":
             kwargs["momentum"] = hp.momentum
         optimizer = OPTIMIZERS[hp.optimizer](self.parameters(), **kwargs)
-        if hp.scheduler == "none":
+        if hp.scheduler == "none" and not hp.get("warmup_epochs", 0):
             return optimizer
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.cosine_factor)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": schedule, "interval": "epoch"},
         }
 
-    def cosine_factor(self, epoch: int) -> float:
-        """Multiplier of the base rate at `epoch`: 1 at the start, 0 after the last epoch."""
-        total = max(1, self.trainer.max_epochs)
-        return 0.5 * (1 + math.cos(math.pi * min(epoch, total) / total))
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of the base rate at `epoch`: a linear warm-up over `warmup_epochs`, then
+        1 falling to 0 after the last epoch (cosine), or 1 throughout (none)."""
+        # Checkpoints from before warm-up existed have no such hyperparameter.
+        warmup = self.hparams.get("warmup_epochs", 0)
+        if epoch < warmup:
+            return (epoch + 1) / (warmup + 1)
+        if self.hparams.scheduler == "none":
+            return 1.0
+        total = max(1, self.trainer.max_epochs - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, total) / total))

@@ -17,6 +17,7 @@ from mlflow.tracking.context.registry import resolve_tags
 
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.redaction import redact
+from dlharness.tracking.run_names import fresh_run_name
 
 DEFAULT_EXPERIMENT = "dlharness"
 # Where a run came from; the tracking ends only the runs it started or reopened.
@@ -76,7 +77,9 @@ def bind_run(
     name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     # resolve_tags adds what MLflow's own start_run records: user, source, git commit.
     run = client.create_run(
-        _experiment_id(client, name), run_name=run_name, tags=resolve_tags(redact(dict(tags or {})))
+        _experiment_id(client, name),
+        run_name=run_name or fresh_run_name(),
+        tags=resolve_tags(redact(dict(tags or {}))),
     )
     return BoundRun(run.info.run_id, uri, CREATED)
 
