@@ -323,6 +323,32 @@ def test_ctrl_c_mid_epoch_stops_there_and_resumes_exactly(lab, tmp_path, monkeyp
     assert_same_after_a_stop(client, run_id, references["cosine"], tmp_path, stopped_in=1)
 
 
+def test_sigterm_during_validation_stores_the_epoch_before_lightning_can_stop(lab, monkeypatch):
+    """Lightning's own SIGTERM handler would stop at the next validation batch with nothing
+    stored; the harness's takes the signal and stops after the epoch, its checkpoint stored."""
+    _, uri, config, _ = lab
+    client = MlflowClient(uri)
+    original_step = ClassifierModule.validation_step
+
+    def step_then_signal(module, batch, batch_idx):
+        if (
+            module.trainer.current_epoch == 1
+            and batch_idx == 0
+            and not module.trainer.sanity_checking
+        ):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original_step(module, batch, batch_idx)
+
+    monkeypatch.setattr(ClassifierModule, "validation_step", step_then_signal)
+    cfg = load_config(config, {"tracking.tracking_uri": uri, "tracking.run_name": "sigterm-val"})
+    with pytest.raises(TrainingInterrupted, match="after epoch 1") as stopped:
+        train(cfg)
+    run_id = stopped.value.run_id
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert stored_epochs(client, run_id) == [0, 1]
+    assert checkpoint_metadata(client, run_id, 1)["complete"] is True
+
+
 def test_augmented_run_stopped_mid_epoch_resumes_to_the_uninterrupted_one(
     lab, tmp_path, monkeypatch
 ):

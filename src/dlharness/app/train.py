@@ -427,7 +427,9 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None, fast_package_index: boo
                 cfg, accelerator, module, datamodule, resume, run, single, fast_package_index
             )
         except SIGTERMException:
-            raise TrainingInterrupted(signal.SIGTERM, " (DDP: at the last checkpoint)") from None
+            stopped = TrainingInterrupted(signal.SIGTERM, " (DDP: at the last checkpoint)")
+            stopped.run_id, stopped.tracking_uri = run_id, uri
+            raise stopped from None
         except TrainingInterrupted as exc:
             exc.run_id, exc.tracking_uri = run_id, uri
             raise

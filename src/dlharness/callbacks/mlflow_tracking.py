@@ -422,9 +422,19 @@ class MlflowTracking(Checkpoint):
         return script.resolve().parent if script is not None and script.is_file() else Path.cwd()
 
     @override
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._take_back_signals()
+
+    @override
     def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # The sanity check's loaders drew from the global generators since on_fit_start.
         self._restore_rng()
+
+    def _take_back_signals(self) -> None:
+        # Lightning installs its SIGTERM handler after `setup`: it would raise at the next
+        # validation batch, before the state is stored.
+        if self._stop is not None:
+            self._stop.take_back()
 
     def _restore_rng(self) -> None:
         """Put the RNG states of the checkpoint back, just before the first training loader
@@ -436,6 +446,7 @@ class MlflowTracking(Checkpoint):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._fitting:
             return
+        self._take_back_signals()
         self._rng_to_restore = None
         if not self.logging:
             return

@@ -47,6 +47,15 @@ class StopSignals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def take_back(self) -> None:
+        """Handle the signals again after another handler was installed over ours (Lightning
+        installs its own SIGTERM handler when `fit` starts, which would stop training at the
+        next validation batch, with no state stored). `__exit__` still restores what was
+        there before `__enter__`."""
+        if self._previous and threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                signal.signal(signum, self._handle)
+
     def __exit__(
         self,
         exc_type: type[BaseException] | None,
