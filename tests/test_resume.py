@@ -292,18 +292,25 @@ def test_ctrl_c_to_the_real_script_ends_killed_with_exit_130_and_the_state_store
     assert checkpoint_metadata(client, run_id, stored[-1])["sha256"]
 
 
+def signal_at(monkeypatch, step: str, epoch: int, batch_idx: int, signum: int) -> None:
+    """Make the module's `step` send `signum` to this process at batch `batch_idx` of epoch
+    `epoch` (not during the sanity check)."""
+    original = getattr(ClassifierModule, step)
+
+    def step_then_signal(module, batch, index):
+        trainer = module.trainer
+        if (trainer.current_epoch, index) == (epoch, batch_idx) and not trainer.sanity_checking:
+            os.kill(os.getpid(), signum)
+        return original(module, batch, index)
+
+    monkeypatch.setattr(ClassifierModule, step, step_then_signal)
+
+
 def test_ctrl_c_mid_epoch_stops_there_and_resumes_exactly(lab, tmp_path, monkeypatch):
     """A real SIGINT at batch 6 of epoch 1: the stored state continues with batch 7."""
     _, uri, config, references = lab
     client = MlflowClient(uri)
-    original_step = ClassifierModule.training_step
-
-    def step_then_signal(module, batch, batch_idx):
-        if module.trainer.current_epoch == 1 and batch_idx == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(module, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "training_step", step_then_signal)
+    signal_at(monkeypatch, "training_step", 1, 5, signal.SIGINT)
     cfg = load_config(config, {"tracking.tracking_uri": uri, "tracking.run_name": "mid-epoch"})
     with pytest.raises(TrainingInterrupted) as stopped:
         train(cfg)
@@ -328,18 +335,7 @@ def test_sigterm_during_validation_stores_the_epoch_before_lightning_can_stop(la
     stored; the harness's takes the signal and stops after the epoch, its checkpoint stored."""
     _, uri, config, _ = lab
     client = MlflowClient(uri)
-    original_step = ClassifierModule.validation_step
-
-    def step_then_signal(module, batch, batch_idx):
-        if (
-            module.trainer.current_epoch == 1
-            and batch_idx == 0
-            and not module.trainer.sanity_checking
-        ):
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original_step(module, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "validation_step", step_then_signal)
+    signal_at(monkeypatch, "validation_step", 1, 0, signal.SIGTERM)
     cfg = load_config(config, {"tracking.tracking_uri": uri, "tracking.run_name": "sigterm-val"})
     with pytest.raises(TrainingInterrupted, match="after epoch 1") as stopped:
         train(cfg)
@@ -357,14 +353,7 @@ def test_augmented_run_stopped_mid_epoch_resumes_to_the_uninterrupted_one(
     client = MlflowClient(uri)
     augmented = {"tracking.tracking_uri": uri, "data.augment": "crop_flip"}
     reference = train(load_config(config, {**augmented, "tracking.run_name": "aug-ref"})).run_id
-    original_step = ClassifierModule.training_step
-
-    def step_then_signal(module, batch, batch_idx):
-        if module.trainer.current_epoch == 2 and batch_idx == 9:
-            os.kill(os.getpid(), signal.SIGINT)
-        return original_step(module, batch, batch_idx)
-
-    monkeypatch.setattr(ClassifierModule, "training_step", step_then_signal)
+    signal_at(monkeypatch, "training_step", 2, 9, signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(load_config(config, {**augmented, "tracking.run_name": "aug-stopped"}))
     monkeypatch.undo()
