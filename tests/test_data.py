@@ -204,3 +204,12 @@ def test_crop_flip_moves_pixels_as_its_draw_says():
         out = crop_flip(image, torch.tensor([draw]))
         assert out.shape == image.shape
         assert out[0, 0, row, col] == 1.0 and out.sum() == 1.0, draw
+
+
+@pytest.mark.parametrize(
+    ("dataset", "expected"),
+    [("cifar10", "crop_flip"), ("digits", "none"), ("mnist", "none"), ("fashion_mnist", "none")],
+)
+def test_augmentation_defaults_to_crop_flip_for_cifar10_only(dataset, expected):
+    assert datamodule(dataset=dataset).augment == expected
+    assert datamodule(dataset=dataset, augment="none").augment == "none"
