@@ -274,16 +274,9 @@ def evaluate_epochs(
     from dlharness.app.components import build_datamodule
     from dlharness.app.config import load_config
     from dlharness.app.evaluation import evaluate
-    from dlharness.app.resume import logged_config
+    from dlharness.app.resume import logged_config, stored_state
     from dlharness.models.classifier import ClassifierModule
-    from dlharness.tracking.checkpoints import (
-        CHECKPOINT_FILE,
-        CheckpointError,
-        checkpoint_path,
-        epoch_dir,
-        load_checkpoint_safely,
-        stored_epochs,
-    )
+    from dlharness.tracking.checkpoints import stored_epochs
     from dlharness.tracking.params import flatten
 
     client = MlflowClient(tracking_uri)
@@ -308,13 +301,7 @@ def evaluate_epochs(
     rows = [header]
     with tempfile.TemporaryDirectory() as scratch:
         for epoch in epochs:
-            try:
-                path = checkpoint_path(
-                    run_id, epoch, tracking_uri=tracking_uri, dst=Path(scratch) / str(epoch)
-                )
-            except CheckpointError as exc:
-                raise UsageError(str(exc)) from None
-            state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+            state = stored_state(run_id, epoch, tracking_uri, Path(scratch) / str(epoch))
             module = ClassifierModule(**state["hyper_parameters"])
             module.load_state_dict(state["state_dict"])
             metrics = evaluate(module, loader, device, stage=split).metrics

@@ -25,7 +25,12 @@ from dlharness.app.config import TrainConfig, load_config, set_dotted
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
-from dlharness.tracking.checkpoints import CheckpointError, checkpoint_path, stored_epochs
+from dlharness.tracking.checkpoints import (
+    CheckpointError,
+    checkpoint_path,
+    load_stored_checkpoint,
+    stored_epochs,
+)
 from dlharness.tracking.params import flatten
 
 # What a resume may change: where and how long it trains, and what it logs on the side.
@@ -113,6 +118,14 @@ def apply_overrides(logged: dict[str, Any], overrides: Mapping[str, Any]) -> dic
                 f"{value!r}): the checkpoint continues that training; start a new run instead"
             )
     return data
+
+
+def stored_state(run_id: str, epoch: int, tracking_uri: str, dst: Path) -> dict[str, Any]:
+    """Epoch `epoch`'s stored checkpoint, verified and loaded; a bad one is a `UsageError`."""
+    try:
+        return load_stored_checkpoint(run_id, epoch, tracking_uri=tracking_uri, dst=dst)[1]
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def prepare_resume(

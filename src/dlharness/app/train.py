@@ -42,20 +42,13 @@ from dlharness.app.model_logging import (
     save_for_replay,
     spool_final_model,
 )
-from dlharness.app.resume import ResumePoint, check_same_data
+from dlharness.app.resume import ResumePoint, check_same_data, stored_state
 from dlharness.app.run_lifecycle import check_tracking_uri, log_config, set_experiment, tracked_run
 from dlharness.callbacks.epoch_printer import EpochLinePrinter
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
 from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
-from dlharness.tracking.checkpoints import (
-    CHECKPOINT_FILE,
-    CheckpointError,
-    checkpoint_path,
-    epoch_dir,
-    load_checkpoint_safely,
-)
 from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.params import log_params_once
@@ -244,13 +237,7 @@ def finish(
         module.load_state_dict(best.state)
     else:  # stored by an earlier process of this run
         with tempfile.TemporaryDirectory(prefix="dlharness-best-") as scratch:
-            try:
-                path = checkpoint_path(
-                    run_id, epoch, tracking_uri=cfg.tracking.tracking_uri, dst=scratch
-                )
-                state = load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
-            except CheckpointError as exc:
-                raise UsageError(str(exc)) from None
+            state = stored_state(run_id, epoch, cfg.tracking.tracking_uri, Path(scratch))
         module.load_state_dict(state["state_dict"])
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names

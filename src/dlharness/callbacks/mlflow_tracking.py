@@ -29,7 +29,6 @@ from typing_extensions import override
 from dlharness.tracking import charts
 from dlharness.tracking.checkpoint_io import BackgroundCheckpointIO
 from dlharness.tracking.checkpoints import (
-    BEST_EPOCH_TAG,
     CHECKPOINT_FILE,
     checkpoint_path,
     delete_checkpoint,
@@ -675,9 +674,7 @@ class MlflowTracking(Checkpoint):
         self, epoch: int, partial: Path, record: dict[str, Any], best: int | None, doomed: list[int]
     ) -> None:
         run_id = self.run.run_id
-        store_checkpoint(self.client, run_id, epoch, partial, record)
-        if best is not None:
-            self.client.set_tag(run_id, BEST_EPOCH_TAG, str(best))
+        store_checkpoint(self.client, run_id, epoch, partial, record, best)
         shutil.rmtree(partial.parent, ignore_errors=True)
         for old in doomed:
             delete_checkpoint(self.client, run_id, old)

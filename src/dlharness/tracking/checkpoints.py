@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -44,10 +45,16 @@ def file_sha256(path: Path) -> str:
 
 
 def store_checkpoint(
-    client: MlflowClient, run_id: str, epoch: int, partial: Path, record: dict[str, Any]
+    client: MlflowClient,
+    run_id: str,
+    epoch: int,
+    partial: Path,
+    record: dict[str, Any],
+    best: int | None,
 ) -> None:
     """Move the written `partial` file into place, then upload it and its record (the record
-    last: a checkpoint without one is incomplete and never resumed from)."""
+    last: a checkpoint without one is incomplete and never resumed from), then tag the run's
+    latest and best checkpoints."""
     path = partial.with_name(CHECKPOINT_FILE)
     os.replace(partial, path)  # a complete file or none, never half of one
     record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
@@ -60,7 +67,10 @@ def store_checkpoint(
         with contextlib.suppress(Exception):
             delete_checkpoint(client, run_id, epoch)
         raise
-    client.set_tag(run_id, LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+    tags = [RunTag(LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")]
+    if best is not None:
+        tags.append(RunTag(BEST_EPOCH_TAG, str(best)))
+    client.log_batch(run_id, tags=tags)
 
 
 def delete_checkpoint(client: MlflowClient, run_id: str, epoch: int) -> None:
@@ -133,14 +143,15 @@ def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
     return state
 
 
-def checkpoint_path(
+def load_stored_checkpoint(
     run_id: str,
     epoch: int | None = None,
     *,
     tracking_uri: str | None = None,
     dst: str | os.PathLike | None = None,
-) -> Path:
-    """A run's stored checkpoint as a local file, for ``trainer.fit(..., ckpt_path=...)``.
+) -> tuple[Path, dict[str, Any]]:
+    """A run's stored checkpoint as a local file, and what it holds (`checkpoint_path`'s work,
+    for callers that need the state too: the file is loaded once).
 
     The file is downloaded, checked against its sha256 record, and loaded once with
     ``weights_only=True`` (a checkpoint that holds code, or names an ``_instantiator``, is
@@ -174,5 +185,16 @@ def checkpoint_path(
         Path(dst) if dst is not None else cache_dir() / "checkpoints" / run_id / f"epoch_{epoch}"
     )
     path = fetch_checkpoint(client, run_id, epoch, folder)
-    load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
-    return path
+    return path, load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+
+
+def checkpoint_path(
+    run_id: str,
+    epoch: int | None = None,
+    *,
+    tracking_uri: str | None = None,
+    dst: str | os.PathLike | None = None,
+) -> Path:
+    """A run's stored checkpoint as a local file, for ``trainer.fit(..., ckpt_path=...)``: see
+    `load_stored_checkpoint`, whose arguments and checks it shares."""
+    return load_stored_checkpoint(run_id, epoch, tracking_uri=tracking_uri, dst=dst)[0]
