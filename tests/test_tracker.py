@@ -275,6 +275,8 @@ def test_cpu_run_has_environment_tags_and_no_gpu_keys(run):
     expected = {
         "env.accelerator",
         "env.devices",
+        "env.nodes",
+        "env.world_size",
         "env.precision",
         "gpu.count",
         "torch.version",

@@ -393,6 +393,7 @@ class MlflowTracking(Checkpoint):
             accelerator,
             trainer.num_devices,
             str(trainer.precision),
+            trainer.num_nodes,
         )
         self.submit("source and requirements", log_source, client, run_id, self._source_folder())
         if self.run.source != FROM_LOGGER:

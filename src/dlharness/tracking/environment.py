@@ -31,7 +31,7 @@ class GpuInfo:
 @dataclass(frozen=True)
 class Environment:
     accelerator: str
-    devices: int
+    devices: int  # per node, as Lightning counts them
     precision: str
     gpus: tuple[GpuInfo, ...] = ()
     cuda_version: str | None = None
@@ -43,6 +43,7 @@ class Environment:
     # Launch variables that change how training runs, by name (secret ones are redacted
     # when logged).
     variables: dict[str, str] = field(default_factory=dict)
+    nodes: int = 1
 
 
 def _version(package: str) -> str:
@@ -76,7 +77,9 @@ def _nvidia_driver() -> str | None:
     return driver.decode() if isinstance(driver, bytes) else str(driver)
 
 
-def collect_environment(accelerator: str, devices: int, precision: str) -> Environment:
+def collect_environment(
+    accelerator: str, devices: int, precision: str, nodes: int = 1
+) -> Environment:
     """Read the environment of this process; GPU facts only where torch uses CUDA."""
     gpus: tuple[GpuInfo, ...] = ()
     if accelerator == "gpu" and torch.cuda.is_available():
@@ -93,6 +96,7 @@ def collect_environment(accelerator: str, devices: int, precision: str) -> Envir
         accelerator=accelerator,
         devices=devices,
         precision=precision,
+        nodes=nodes,
         gpus=gpus,
         cuda_version=torch.version.cuda if gpus else None,
         cudnn_version=str(cudnn) if cudnn else None,
@@ -118,6 +122,8 @@ def environment_tags(env: Environment) -> dict[str, str]:
     tags = {
         "env.accelerator": env.accelerator,
         "env.devices": str(env.devices),
+        "env.nodes": str(env.nodes),
+        "env.world_size": str(env.devices * env.nodes),
         "env.precision": env.precision,
         "gpu.count": str(len(env.gpus)),
         **{f"{name}.version": version for name, version in env.versions.items()},

@@ -24,9 +24,14 @@ def set_run_tags(run_id: str, tags: Mapping[str, Any], client: MlflowClient) -> 
 
 
 def log_environment(
-    client: MlflowClient, run_id: str, accelerator: str, devices: int, precision: str
+    client: MlflowClient,
+    run_id: str,
+    accelerator: str,
+    devices: int,
+    precision: str,
+    nodes: int = 1,
 ) -> None:
-    env = collect_environment(accelerator, devices, precision)
+    env = collect_environment(accelerator, devices, precision, nodes)
     set_run_tags(run_id, environment_tags(env), client)
 
 
