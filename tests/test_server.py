@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.app.cli import main as train_main
 from dlharness.app.compare import main as compare_main
+from dlharness.app.server import main as server_main
 from dlharness.app.server import running_server
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
@@ -73,7 +74,9 @@ def server(request, tmp_path_factory):
     backend = f"sqlite:///{db_path}" if db_path else fresh_postgres_database()
     artifacts = folder / "artifacts"
     log = folder / "server.log"
-    with running_server(backend, artifacts, log_path=log) as (url, process):
+    # PostgreSQL takes concurrent writers: there the server runs 2 workers, as a team's would.
+    workers = 1 if db_path else 2
+    with running_server(backend, artifacts, log_path=log, workers=workers) as (url, process):
         yield Server(url, artifacts, log, db_path, process.pid)
 
 
@@ -182,6 +185,11 @@ def test_server_script_refuses_to_expose_itself_without_auth():
     assert completed.stderr.count("\n") == 1
     assert "--basic-auth" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_server_script_refuses_no_workers(capsys):
+    assert server_main(["--workers", "0"]) == 2
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

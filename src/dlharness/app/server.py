@@ -54,6 +54,7 @@ def server_command(
     port: int = DEFAULT_PORT,
     allowed_hosts: str | None = None,
     basic_auth: bool = False,
+    workers: int = 1,
 ) -> list[str]:
     """The `mlflow server` command line (run with this interpreter's MLflow)."""
     command = [
@@ -63,8 +64,9 @@ def server_command(
         "--backend-store-uri", backend_store_uri,
         "--serve-artifacts",
         "--artifacts-destination", artifacts_destination,
-        # One worker: SQLite takes one writer at a time, and a laptop or CI box has few cores.
-        "--workers", "1",
+        # One worker by default: SQLite takes one writer at a time, and a laptop or CI box has
+        # few cores; with PostgreSQL more workers answer more trainings (docs/operations.md).
+        "--workers", str(workers),
     ]  # fmt: skip
     if allowed_hosts:
         command += ["--allowed-hosts", allowed_hosts]
@@ -97,12 +99,13 @@ def running_server(
     artifacts_destination: Path,
     port: int | None = None,
     log_path: Path | None = None,
+    workers: int = 1,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `mlflow server` on 127.0.0.1 for the duration of the block: (URL, process)."""
     port = port or free_port()
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     process = subprocess.Popen(
-        server_command(backend_store_uri, str(artifacts_destination), port=port),
+        server_command(backend_store_uri, str(artifacts_destination), port=port, workers=workers),
         env=server_env(),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -159,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="Host headers accepted, comma-separated (default: MLflow's, localhost only)",
     )
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes (default: 1; more pay off with PostgreSQL, not SQLite)",
+    )
+    parser.add_argument(
         "--basic-auth",
         action="store_true",
         help="require a user and password (MLflow's basic-auth app; change the admin password)",
@@ -174,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"--host {args.host} exposes the server beyond this machine: add --basic-auth "
                 "(and --allowed-hosts), or keep the default 127.0.0.1"
             )
+        if args.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {args.workers}")
         if args.basic_auth and not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
             raise UsageError(
                 "--basic-auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin password that "
@@ -194,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlharness-server: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     command = server_command(
-        backend, artifacts, args.host, args.port, args.allowed_hosts, args.basic_auth
+        backend, artifacts, args.host, args.port, args.allowed_hosts, args.basic_auth, args.workers
     )
     print(
         f"MLflow server on http://{args.host}:{args.port} (store: {redact_uri(backend)}, "
