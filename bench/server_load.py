@@ -270,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-seconds", type=float, default=900.0, help="hard stop (default: 900)")
     parser.add_argument("--out", type=Path, help="write the results here as JSON")
+    parser.add_argument("--server-log", type=Path, help="keep the started server's log here")
     return parser
 
 
@@ -327,7 +328,10 @@ def _server(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, int |
         return
     backend = args.backend_store_uri or f"sqlite:///{folder / 'server.db'}"
     with running_server(
-        backend, folder / "artifacts", log_path=folder / "server.log", workers=args.workers
+        backend,
+        folder / "artifacts",
+        log_path=args.server_log or folder / "server.log",
+        workers=args.workers,
     ) as (url, process):
         yield url, process.pid, backend.split(":", 1)[0]
 

@@ -35,6 +35,13 @@ def server_env() -> dict[str, str]:
     # The job runner serves MLflow's GenAI features, which training does not use; it is a
     # second process and doubles the start time (≈19 s → ≈9 s measured).
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # SQLAlchemy's default pool (5 + 10 overflow connections per worker) stalls a worker that
+    # serves 32 trainings at once: store requests wait 30 s for a connection and fail, with
+    # the server idle (scripts/load_server.py, 2026-11-30; a pool of 60 took the same load
+    # with no error). Up to 60 connections per worker: workers × 60 must stay under
+    # PostgreSQL's max_connections (100 by default), or set these lower.
+    env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "10")
+    env.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "50")
     return env
 
 
