@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.app.cli import main as train_main
 from dlharness.app.compare import main as compare_main
 from dlharness.app.server import main as server_main
-from dlharness.app.server import running_server
+from dlharness.app.server import running_server, server_env
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
 from .conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories
@@ -185,6 +185,14 @@ def test_server_script_refuses_to_expose_itself_without_auth():
     assert completed.stderr.count("\n") == 1
     assert "--basic-auth" in completed.stderr
     assert "Traceback" not in completed.stderr
+
+
+def test_server_gets_a_connection_pool_for_32_trainings_unless_told(monkeypatch):
+    monkeypatch.delenv("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", raising=False)
+    monkeypatch.setenv("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "5")
+    env = server_env()
+    assert env["MLFLOW_SQLALCHEMYSTORE_POOL_SIZE"] == "10"
+    assert env["MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW"] == "5"  # the user's own setting stays
 
 
 def test_server_script_refuses_no_workers(capsys):
