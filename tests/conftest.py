@@ -21,24 +21,23 @@ from dlharness.tracking.installed_packages import CACHE_DIR_ENV
 REPO = Path(__file__).resolve().parents[1]
 
 
-def store_uri(folder: Path) -> str:
-    return f"sqlite:///{folder / 'mlflow.db'}"
-
-
 # An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes
 # about 2 s a store here, copying the file 0.06 s. Tests of creating a store start from none.
 _EMPTY_STORE: list[Path] = []
 
 
-def empty_store(folder: Path) -> str:
-    """A fresh, empty SQLite store in `folder` (a copy of one MLflow created this session)."""
+def empty_store(folder: Path, name: str = "mlflow.db") -> str:
+    """A fresh, empty SQLite store `folder/name` (a copy of one MLflow created this session).
+
+    A server started on such a copy answers ≈4 s sooner than on a new file.
+    """
     if not _EMPTY_STORE:
         template = Path(tempfile.mkdtemp(prefix="pytest-empty-store-")) / "mlflow.db"
         MlflowClient(f"sqlite:///{template}").search_experiments()
         _EMPTY_STORE.append(template)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(_EMPTY_STORE[0], folder / "mlflow.db")
-    return store_uri(folder)
+    shutil.copyfile(_EMPTY_STORE[0], folder / name)
+    return f"sqlite:///{folder / name}"
 
 
 def make_store(folder: Path, experiment: str = "tests") -> str:

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO
+from .conftest import REPO, empty_store
 
 
 def _load_script():
@@ -32,6 +32,7 @@ def test_two_levels_against_a_server_it_starts_and_stops(tmp_path):
     out = tmp_path / "load.json"
     before = {name: os.environ.get(name) for name in load.CLIENT_SETTINGS}
     argv = ["--levels", "1,2", "--seconds", "3", "--epoch-s", "0.5", "--checkpoint-mb", "0.2"]
+    argv += ["--backend-store-uri", empty_store(tmp_path, "server.db")]
     assert load.main([*argv, "--out", str(out)]) == 0
     # Its client settings (no retries) do not outlive it.
     assert {name: os.environ.get(name) for name in load.CLIENT_SETTINGS} == before

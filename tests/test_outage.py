@@ -45,8 +45,11 @@ tracker: {keep_last_checkpoints: 3, onnx: false}
 
 
 def start_server(folder: Path, port: int) -> subprocess.Popen:
-    command = server_command(f"sqlite:///{folder / 'server.db'}", str(folder / "artifacts"),
-                             port=port)  # fmt: skip
+    """A server on `folder/server.db` (a fresh store the first time, the same one after)."""
+    backend = f"sqlite:///{folder / 'server.db'}"
+    if not (folder / "server.db").exists():
+        backend = empty_store(folder, "server.db")
+    command = server_command(backend, str(folder / "artifacts"), port=port)
     log = open(folder / "server.log", "ab")  # noqa: SIM115 (closed when the process ends)
     process = subprocess.Popen(
         command, env=server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True

@@ -71,7 +71,7 @@ def fresh_postgres_database() -> str:
 def server(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"server-{request.param}")
     db_path = folder / "server.db" if request.param == "sqlite" else None
-    backend = f"sqlite:///{db_path}" if db_path else fresh_postgres_database()
+    backend = empty_store(folder, db_path.name) if db_path else fresh_postgres_database()
     artifacts = folder / "artifacts"
     log = folder / "server.log"
     # PostgreSQL takes concurrent writers: there the server runs 2 workers, as a team's would.
