@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -34,6 +33,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dlharness.app.server import is_loopback, running_server
+from dlharness.tracking.environment import collect_environment
 
 # A load test counts what fails: MLflow's client would otherwise retry a refused or timed-out
 # request up to 7 times with backoff and hide it. It reads these at each request.
@@ -95,13 +95,6 @@ def client_settings() -> Iterator[None]:
             os.environ.pop(name, None)
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
-
-
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -143,10 +136,10 @@ def simulated_training(
                     client.log_artifact(run_id, str(checkpoint), f"checkpoints/epoch_{epoch}")
                 with timings.request("log_image"):
                     client.log_image(run_id, image, key="val_confusion_matrix", step=epoch)
+                with timings.lock:
+                    timings.epochs += 1  # an epoch counts once all its writes succeeded
             except Exception:
                 pass
-            with timings.lock:
-                timings.epochs += 1
             time.sleep(max(0.0, start + (epoch + 1) * epoch_s - time.monotonic()))
         try:
             with timings.request("end_run"):
@@ -305,7 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _print_level(level)
     report = {
         "date": date.today().isoformat(),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "machine": _machine(),
         "backend": backend,
         "workers": args.workers if args.tracking_uri is None else None,
         "epoch_s": args.epoch_s,
@@ -334,6 +327,11 @@ def _server(args: argparse.Namespace, folder: Path) -> Iterator[tuple[str, int |
         workers=args.workers,
     ) as (url, process):
         yield url, process.pid, backend.split(":", 1)[0]
+
+
+def _machine() -> dict[str, str | int]:
+    env = collect_environment("cpu", 1, "32")
+    return {"cpu": env.host_cpu, "cores": env.host_cores, "mlflow": env.versions["mlflow"]}
 
 
 def _print_level(level: dict) -> None:

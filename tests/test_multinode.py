@@ -37,7 +37,7 @@ trainer: {max_epochs: 2, accelerator: cpu, devices: 1, num_nodes: 2, strategy: d
 tracking: {system_metrics: false, experiment: nodes}
 tracker: {onnx: false}
 """
-# What a node needs to find node 0 on loopback; the launchers name it differently.
+# Seconds a two-node launch may take (≈20 s here) before the test kills both nodes.
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -78,10 +78,6 @@ def launch(tmp_path: Path, name: str, command, env_for) -> list[Node]:
     for rank, node in enumerate(nodes):
         assert node.returncode == 0, f"node {rank}: {node.err[-3000:]}"
     return nodes
-
-
-def node_port() -> int:
-    return free_port()
 
 
 def torchrun(port: int, *argv: str):
@@ -140,7 +136,7 @@ def torchrun_run(tmp_path_factory) -> tuple[str, str, list[Node]]:
     """(store URI, run id, nodes): 2 epochs on two torchrun nodes into node 0's default store."""
     tmp_path = tmp_path_factory.mktemp("torchrun")
     nodes = launch(
-        tmp_path, "torchrun", torchrun(node_port(), "--config", "nodes.yaml"), lambda rank: {}
+        tmp_path, "torchrun", torchrun(free_port(), "--config", "nodes.yaml"), lambda rank: {}
     )
     uri = f"sqlite:///{nodes[0].folder / 'mlflow.db'}"
     _, runs = only_run(uri)
@@ -186,7 +182,7 @@ def test_two_torchrun_nodes_log_one_run_that_resumes_the_same_on_one_node_or_two
     more = ["--resume", run_id, "--max-epochs", "3", "--tracking-uri", uri]
     nodes = launch(
         tmp_path, "lightning", lambda rank: [PYTHON, TRAIN, *more, "--fork"],
-        lightning_env(node_port()),
+        lightning_env(free_port()),
     )  # fmt: skip
     assert_rank_zero_alone(nodes)
     [fork] = [r for r in only_run(uri)[1] if r.info.run_id != run_id]
@@ -220,7 +216,7 @@ def test_a_slurm_launch_gives_the_torchrun_run_bit_for_bit(torchrun_run, tmp_pat
     uri, run_id, _ = torchrun_run
     nodes = launch(
         tmp_path, "slurm", lambda rank: [PYTHON, TRAIN, "--config", "nodes.yaml"],
-        slurm_env(node_port()),
+        slurm_env(free_port()),
     )  # fmt: skip
     assert_rank_zero_alone(nodes)
     slurm_uri = f"sqlite:///{nodes[0].folder / 'mlflow.db'}"
