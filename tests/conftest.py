@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
@@ -19,6 +21,39 @@ from dlharness.app.config import TrainConfig, load_config
 from dlharness.tracking.installed_packages import CACHE_DIR_ENV
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Each test session (each pytest-xdist worker) gets a temporary folder of its own, inherited by
+# its subprocesses through TMPDIR: tests that check that nothing was left behind in it see
+# their own session's files only.
+_SESSION_TMP = tempfile.mkdtemp(prefix="pytest-session-")
+tempfile.tempdir = os.environ["TMPDIR"] = _SESSION_TMP
+atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+
+# torch's own choice on this machine, before the workers change it.
+TORCH_THREADS, OMP_THREADS = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: one torch thread each (and in what they start), or the two
+    # thread pools contend for the same cores (measured: the suite slower than one worker).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def torch_default_threads():
+    """torch's default thread count in this process and the ones it starts, for a module whose
+    tests compare trainings with layouts (NHWC vs NCHW) that sum in a different order: their
+    agreement to 1e-6 holds with the default count, not with one thread (1e-4 apart by epoch 3).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(TORCH_THREADS)
+    if OMP_THREADS is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = OMP_THREADS
+    yield
+    torch.set_num_threads(threads)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 # An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes
@@ -123,13 +158,6 @@ def _own_cache_dir(tmp_path_factory: pytest.TempPathFactory):
         del os.environ[CACHE_DIR_ENV]
     else:
         os.environ[CACHE_DIR_ENV] = previous
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _remove_empty_store():
-    yield
-    for template in _EMPTY_STORE:
-        shutil.rmtree(template.parent, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

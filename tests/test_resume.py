@@ -47,6 +47,10 @@ tracker: {keep_last_checkpoints: null, onnx: false}
 """
 
 
+# The references below and the NHWC run are compared at torch's default thread count.
+pytestmark = pytest.mark.usefixtures("torch_default_threads")
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A store, the tiny config file, and two uninterrupted 6-epoch reference runs."""
