@@ -44,16 +44,15 @@ def torch_default_threads():
     tests compare trainings with layouts (NHWC vs NCHW) that sum in a different order: their
     agreement to 1e-6 holds with the default count, not with one thread (1e-4 apart by epoch 3).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(TORCH_THREADS)
-    if OMP_THREADS is None:
-        os.environ.pop("OMP_NUM_THREADS", None)
-    else:
-        os.environ["OMP_NUM_THREADS"] = OMP_THREADS
-    yield
-    torch.set_num_threads(threads)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
+    with pytest.MonkeyPatch.context() as patch:
+        if OMP_THREADS is None:
+            patch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            patch.setenv("OMP_NUM_THREADS", OMP_THREADS)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(TORCH_THREADS)
+        yield
+        torch.set_num_threads(threads)
 
 
 # An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes
