@@ -212,15 +212,17 @@ def test_two_torchrun_nodes_log_one_run_that_resumes_the_same_on_one_node_or_two
 
 
 @pytest.mark.slow
-def test_a_slurm_launch_gives_the_torchrun_run_bit_for_bit(torchrun_run, tmp_path):
+@pytest.mark.parametrize("launcher", ["lightning", "slurm"])
+def test_a_fresh_launch_gives_the_torchrun_run_bit_for_bit(torchrun_run, tmp_path, launcher):
+    """Lightning's launcher and SLURM's variables, each into a fresh default store."""
     uri, run_id, _ = torchrun_run
+    env_for = {"lightning": lightning_env, "slurm": slurm_env}[launcher](free_port())
     nodes = launch(
-        tmp_path, "slurm", lambda rank: [PYTHON, TRAIN, "--config", "nodes.yaml"],
-        slurm_env(free_port()),
-    )  # fmt: skip
+        tmp_path, launcher, lambda rank: [PYTHON, TRAIN, "--config", "nodes.yaml"], env_for
+    )
     assert_rank_zero_alone(nodes)
-    slurm_uri = f"sqlite:///{nodes[0].folder / 'mlflow.db'}"
-    client, [run] = only_run(slurm_uri)
+    fresh_uri = f"sqlite:///{nodes[0].folder / 'mlflow.db'}"
+    client, [run] = only_run(fresh_uri)
     assert run.info.status == "FINISHED"
     # The torchrun run's first two epochs (the other test may have resumed it to a third).
     torchrun_epochs = {
