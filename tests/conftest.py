@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
+import multiprocessing.util
 import os
 import re
 import shutil
@@ -27,7 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 # their own session's files only.
 _SESSION_TMP = tempfile.mkdtemp(prefix="pytest-session-")
 tempfile.tempdir = os.environ["TMPDIR"] = _SESSION_TMP
-atexit.register(shutil.rmtree, _SESSION_TMP, ignore_errors=True)
+# Removed at exit after multiprocessing has removed its own folder in it (its finalizer runs at
+# priority -100; a plain atexit handler would run first and make that one fail loudly).
+multiprocessing.util.Finalize(
+    None, shutil.rmtree, args=(_SESSION_TMP,), kwargs={"ignore_errors": True}, exitpriority=-200
+)
 
 # torch's own choice on this machine, before the workers change it.
 TORCH_THREADS, OMP_THREADS = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
