@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import multiprocessing.util
 import os
 import re
@@ -10,6 +11,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import mlflow
 import pytest
@@ -57,6 +59,15 @@ def torch_default_threads():
         torch.set_num_threads(TORCH_THREADS)
         yield
         torch.set_num_threads(threads)
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py, which lives outside the installed package, imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 # An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes

@@ -5,25 +5,11 @@ No timing is asserted here; budgets are checked by `scripts/bench.py` itself.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
-from .conftest import REPO
+from .conftest import bench_module
 
-
-def _load_benchmark():
-    """bench/tracking_cost.py, which lives outside the installed package, as a module."""
-    spec = importlib.util.spec_from_file_location(
-        "tracking_cost", REPO / "bench" / "tracking_cost.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_benchmark()
+bench = bench_module("tracking_cost")
 VARIANTS, Workload, main, measure = bench.VARIANTS, bench.Workload, bench.main, bench.measure
 
 

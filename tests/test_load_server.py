@@ -5,26 +5,14 @@ No latency is asserted here; the measured table lives in docs/operations.md.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
-from .conftest import REPO, empty_store
+from .conftest import bench_module, empty_store
 
-
-def _load_script():
-    """bench/server_load.py, which lives outside the installed package, as a module."""
-    spec = importlib.util.spec_from_file_location("server_load", REPO / "bench" / "server_load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-load = _load_script()
+load = bench_module("server_load")
 
 
 @pytest.mark.slow
