@@ -27,6 +27,8 @@ from dlharness.app.components import build_datamodule
 from dlharness.app.config import DataConfig
 from dlharness.app.train import train
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
+from dlharness.data.base import image_transform
+from dlharness.data.digits import DigitsDataModule, digit_images
 from dlharness.data.fingerprint import content_digest
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
@@ -449,16 +451,20 @@ def test_onnx_export_matches_pytorch(run):
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
 
 
-def test_registered_model_has_the_candidate_alias(run):
+def test_registered_model_is_the_served_classifier_with_the_candidate_alias(run):
     _, result, client, _ = run
     version = client.get_model_version_by_alias(REGISTERED_NAME, "candidate")
     assert str(version.version) == result.registered_version
     assert version.run_id == result.run_id
+    assert version.source == result.classifier_uri
     model = mlflow.pyfunc.load_model(f"models:/{REGISTERED_NAME}@candidate")
-    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    images, _ = digit_images()
+    answers = model.predict([image[0].numpy() for image in images[:3]])
+    x = image_transform(*DigitsDataModule().normalization, None)(images[:3])
     with torch.no_grad():
-        expected = result.module.cpu().eval()(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(model.predict(x), expected, atol=1e-5)
+        expected = result.module.cpu().eval()(x).softmax(dim=1).numpy()
+    got = [[a.probabilities[str(digit)] for digit in range(10)] for a in answers]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 # 8. Run details

@@ -120,7 +120,7 @@ def test_logged_model_has_signature_input_example_and_pinned_requirements(logged
     models = mlflow.search_logged_models(
         experiment_ids=[result.experiment_id], output_format="list"
     )
-    assert {m.name for m in models} == {"model", "model_onnx"}
+    assert {m.name for m in models} == {"model", "model_onnx", "classifier"}
     assert {m.source_run_id for m in models} == {result.run_id}
     model = mlflow.get_logged_model(result.model_uri.removeprefix("models:/"))
     requirements = mlflow.artifacts.load_text(f"{model.artifact_location}/requirements.txt")
@@ -146,6 +146,14 @@ def test_imagefolder_trains_end_to_end(tmp_path, store):
     [record, *_] = [d.dataset for d in run.inputs.dataset_inputs]
     assert record.source_type == "local"
     assert str(tmp_path / "images") in record.source
+    # The served classifier takes a raw RGB image of any size and names one of the folders.
+    classifier = mlflow.pyfunc.load_model(result.classifier_uri)
+    red = np.zeros((40, 24, 3), np.uint8)
+    red[..., 0] = 255
+    [answer] = classifier.predict([red])
+    assert answer.class_name in {"red", "green", "blue"}
+    assert answer.class_name == ["blue", "green", "red"][answer.class_index]
+    assert sum(answer.probabilities.values()) == pytest.approx(1, abs=1e-6)
 
 
 def test_failure_after_the_run_started_ends_it_failed(tmp_path, store):

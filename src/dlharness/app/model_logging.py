@@ -1,4 +1,5 @@
-"""Logging a trained network as MLflow models: pytorch flavor, ONNX, and the registry."""
+"""Logging a trained network as MLflow models: pytorch flavor, ONNX, the served classifier,
+and the registry."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import copy
 import io
 import json
 import logging
+import time
 import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,9 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import dlharness
+from dlharness.data import ClassificationDataModule
+from dlharness.models import nets
+from dlharness.serving import ImagePreprocessing, log_classifier
 from dlharness.tracking.spool import Spool, SpoolingClient
 
 CANDIDATE_ALIAS = "candidate"
@@ -116,6 +122,47 @@ def log_onnx(net: nn.Module, example_batch: torch.Tensor, name: str = "model_onn
     )
 
 
+@dataclass(frozen=True)
+class ServedClasses:
+    """What the served classifier needs besides the network: class names and preprocessing."""
+
+    class_names: tuple[str, ...]
+    preprocessing: ImagePreprocessing
+
+    @classmethod
+    def of(cls, datamodule: ClassificationDataModule) -> ServedClasses:
+        info = datamodule.info
+        mean, std = datamodule.normalization
+        return cls(
+            info.class_names,
+            ImagePreprocessing(info.in_channels, info.image_size, tuple(mean), tuple(std)),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps({"class_names": self.class_names, **asdict(self.preprocessing)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ServedClasses:
+        values = json.loads(text)
+        names = tuple(values.pop("class_names"))
+        values["mean"], values["std"] = tuple(values["mean"]), tuple(values["std"])
+        return cls(names, ImagePreprocessing(**values))
+
+
+def log_served_classifier(
+    net: nn.Module, net_spec: dict, served: ServedClasses, example_batch: torch.Tensor
+) -> ModelInfo:
+    """The model `dlharness-serve` serves: raw images in, class names out (no dlharness needed)."""
+    return log_classifier(
+        _cpu_copy(net),
+        net_spec,
+        Path(nets.__file__),
+        served.class_names,
+        served.preprocessing,
+        served.preprocessing.raw_images(example_batch[:2]),
+    )
+
+
 def register_candidate(model_uri: str, name: str) -> str:
     """Register `model_uri` under `name` and point the alias ``candidate`` at the new version."""
     version_ = mlflow.register_model(model_uri, name)
@@ -123,24 +170,61 @@ def register_candidate(model_uri: str, name: str) -> str:
     return str(version_.version)
 
 
-def save_for_replay(net: nn.Module, net_spec: dict, example_batch: torch.Tensor, folder: Path):
+def save_for_replay(
+    net: nn.Module,
+    net_spec: dict,
+    served: ServedClasses,
+    example_batch: torch.Tensor,
+    folder: Path,
+):
     """What `replay_final_model` needs, as plain weights and JSON (no pickled objects)."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(_cpu_copy(net).state_dict(), folder / "weights.pt")
     (folder / "net_spec.json").write_text(json.dumps(net_spec))
+    (folder / "served.json").write_text(served.to_json())
     example = folder.parent / "example.npy"
     np.save(example, example_batch[:4].detach().to("cpu", torch.float32).numpy())
     return folder, example
 
 
+@dataclass
+class LoggedModels:
+    model_uri: str
+    onnx_model_uri: str | None
+    classifier_uri: str
+    registered_version: str | None
+
+
 def log_final_model(
-    net: nn.Module, example_batch: torch.Tensor, onnx_too: bool, register: str | None
-) -> tuple[ModelInfo, ModelInfo | None, str | None]:
-    """The run's models, logged into the active run: pytorch, ONNX, and the registry."""
+    net: nn.Module,
+    net_spec: dict,
+    served: ServedClasses,
+    example_batch: torch.Tensor,
+    onnx_too: bool,
+    register: str | None,
+    timings: dict[str, float] | None = None,
+) -> LoggedModels:
+    """The run's models, logged into the active run: pytorch, ONNX, the served classifier
+    (which `register` registers), with the seconds each took in `timings`."""
+    timings = {} if timings is None else timings
+    started = time.perf_counter()
     model_info = log_network(net, example_batch)
+    timings["model"] = time.perf_counter() - started
+    started = time.perf_counter()
     onnx_info = log_onnx(net, example_batch) if onnx_too else None
-    version_ = register_candidate(model_info.model_uri, register) if register else None
-    return model_info, onnx_info, version_
+    timings["onnx"] = time.perf_counter() - started
+    started = time.perf_counter()
+    classifier = log_served_classifier(net, net_spec, served, example_batch)
+    timings["classifier"] = time.perf_counter() - started
+    started = time.perf_counter()
+    version_ = register_candidate(classifier.model_uri, register) if register else None
+    timings["registry"] = time.perf_counter() - started
+    return LoggedModels(
+        model_info.model_uri,
+        onnx_info.model_uri if onnx_info else None,
+        classifier.model_uri,
+        version_,
+    )
 
 
 # The spooled operation `spool_final_model` journals and `replay_final_model` replays.
@@ -164,10 +248,12 @@ def replay_final_model(tracking_uri: str, spool: Spool, entry: dict[str, Any]) -
     from dlharness.models.nets import build_net
 
     folder = spool.file(entry, "model")
-    net = build_net(json.loads((folder / "net_spec.json").read_text()))
+    net_spec = json.loads((folder / "net_spec.json").read_text())
+    net = build_net(net_spec)
     net.load_state_dict(torch.load(folder / "weights.pt", weights_only=True))
+    served = ServedClasses.from_json((folder / "served.json").read_text())
     example = torch.from_numpy(np.load(spool.file(entry, "example.npy")))
     mlflow.set_tracking_uri(tracking_uri)
     # Reopening the run marks it RUNNING; the journal's last entry sets its real end.
     with mlflow.start_run(run_id=spool.run_id):
-        log_final_model(net, example, entry["onnx"], entry["register"])
+        log_final_model(net, net_spec, served, example, entry["onnx"], entry["register"])

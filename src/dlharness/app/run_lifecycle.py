@@ -17,7 +17,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from dlharness.app.config import TrainConfig
+from dlharness.app.config import DEFAULT_TRACKING_URI, TrainConfig
 from dlharness.errors import UsageError
 from dlharness.tracking.params import as_param_values, log_params_once
 from dlharness.tracking.redaction import redact, redact_tree
@@ -65,6 +65,18 @@ def check_tracking_uri(uri: str) -> None:
         open_store(uri)
     except Exception as exc:
         raise UsageError(f"tracking URI {uri} is not usable: {_first_line(exc)}") from None
+
+
+def existing_store(flag: str | None) -> str:
+    """The store a command that reads it uses: `flag`, else $MLFLOW_TRACKING_URI, else the
+    training default; a SQLite file must already exist (MLflow would create an empty one)."""
+    uri = flag or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise UsageError(
+            f"no tracking store at {uri.removeprefix('sqlite:///')}; "
+            "train first, or pass --tracking-uri"
+        )
+    return uri
 
 
 def open_store(uri: str) -> None:

@@ -36,9 +36,8 @@ from dlharness.app.dataset_records import DatasetRecords
 from dlharness.app.distributed import is_launch_leader
 from dlharness.app.evaluation import evaluate, log_evaluation
 from dlharness.app.model_logging import (
-    log_network,
-    log_onnx,
-    register_candidate,
+    ServedClasses,
+    log_final_model,
     save_for_replay,
     spool_final_model,
 )
@@ -72,6 +71,8 @@ class TrainResult:
     # None when the tracking server was down at the end: `dlharness-sync` logs the models.
     model_uri: str | None
     onnx_model_uri: str | None
+    # The served classifier (raw images in, class names out); what `register_model` registers.
+    classifier_uri: str | None
     registered_version: str | None
     module: ClassifierModule
     # Seconds by phase: "fit" (training with its per-epoch tracking, uploads drained),
@@ -245,18 +246,23 @@ def finish(
     set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)}, client)
     timings["evaluation"] = time.perf_counter() - started
     example_batch, _ = next(iter(datamodule.test_dataloader()))
-    model_uri = onnx_uri = registered = None
+    served = ServedClasses.of(datamodule)
+    net_spec = module.hparams.net_spec
+    logged = None
     if not client.offline:
         try:
-            model_uri, onnx_uri, registered = _log_models(cfg, module, example_batch, timings)
+            logged = log_final_model(
+                module.net, net_spec, served, example_batch, cfg.tracker.onnx,
+                cfg.tracking.register_model, timings,
+            )  # fmt: skip
         except Exception as exc:
             if not is_unreachable(exc):
                 raise
-    if model_uri is None:
+    if logged is None:
         # The tracking server is down: the models are logged by `dlharness-sync` later.
         with tempfile.TemporaryDirectory(prefix="dlharness-model-") as scratch:
             folder, example = save_for_replay(
-                module.net, module.hparams.net_spec, example_batch, Path(scratch) / "model"
+                module.net, net_spec, served, example_batch, Path(scratch) / "model"
             )
             spool_final_model(
                 client, folder, example, cfg.tracker.onnx, cfg.tracking.register_model
@@ -267,33 +273,14 @@ def finish(
         tracking_uri=cfg.tracking.tracking_uri,
         test_metrics=evaluation.metrics,
         evaluated_epoch=epoch,
-        model_uri=model_uri,
-        onnx_model_uri=onnx_uri,
-        registered_version=registered,
+        model_uri=logged and logged.model_uri,
+        onnx_model_uri=logged and logged.onnx_model_uri,
+        classifier_uri=logged and logged.classifier_uri,
+        registered_version=logged and logged.registered_version,
         module=module,
         timings=timings,
         spooled=client.spool.folder if client.offline else None,
     )
-
-
-def _log_models(
-    cfg: TrainConfig,
-    module: ClassifierModule,
-    example_batch: torch.Tensor,
-    timings: dict,
-) -> tuple[str, str | None, str | None]:
-    started = time.perf_counter()
-    model_info = log_network(module.net, example_batch)
-    timings["model"] = time.perf_counter() - started
-    started = time.perf_counter()
-    onnx_info = log_onnx(module.net, example_batch) if cfg.tracker.onnx else None
-    timings["onnx"] = time.perf_counter() - started
-    registered = None
-    started = time.perf_counter()
-    if cfg.tracking.register_model:
-        registered = register_candidate(model_info.model_uri, cfg.tracking.register_model)
-    timings["registry"] = time.perf_counter() - started
-    return model_info.model_uri, onnx_info.model_uri if onnx_info else None, registered
 
 
 def process_count(cfg: TrainConfig, accelerator: str) -> int:

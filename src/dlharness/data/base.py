@@ -183,6 +183,11 @@ class ClassificationDataModule(L.LightningDataModule):
     @abstractmethod
     def info(self) -> DataInfo: ...
 
+    @property
+    @abstractmethod
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) per channel, of pixel values scaled to 0–1, as `load`'s transform uses."""
+
     @abstractmethod
     def load(self) -> tuple[Dataset, Dataset | None]:
         """Return (pool, fixed_test): fixed_test is None when the test split comes from the pool."""

@@ -53,8 +53,13 @@ class ImageFolderDataModule(ClassificationDataModule):
         # Reading the class list checks the folder; the images themselves are read in `load`.
         _ = self.classes
 
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        # Pixel values to -1..1: no statistics of the user's images are needed.
+        return (0.5,) * 3, (0.5,) * 3
+
     def load(self) -> tuple[Dataset, None]:
-        transform = image_transform((0.5,) * 3, (0.5,) * 3, self.info.image_size)
+        transform = image_transform(*self.normalization, self.info.image_size)
         try:
             folder = datasets.ImageFolder(self.data_dir, transform=transform)
         except FileNotFoundError as exc:

@@ -39,6 +39,10 @@ class _TorchvisionDataModule(ClassificationDataModule):
         )
 
     @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        return self.mean, self.std
+
+    @property
     def root(self) -> Path:
         return Path(self.data_dir)
 

@@ -1,0 +1,13 @@
+"""The served classifier over REST against in-process calls: `python scripts/bench_serving.py -h`.
+
+The benchmark's code lives beside the other benchmarks in bench/, outside the installed package.
+"""
+
+import runpy
+from pathlib import Path
+
+if __name__ == "__main__":
+    runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / "bench" / "serving_latency.py"),
+        run_name="__main__",
+    )
