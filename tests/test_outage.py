@@ -13,6 +13,7 @@ from pathlib import Path
 
 import lightning as L
 import mlflow
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -125,6 +126,12 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
         expected = mlflow.pytorch.load_model(f"runs:/{ref_run}/model")
         batch = torch.randn(3, 1, 8, 8)
         assert torch.equal(model(batch), expected(batch))
+        # The served classifier was replayed too, and answers raw pixels the same.
+        pixels = [np.arange(64, dtype=np.uint8).reshape(8, 8)]
+        mlflow.set_tracking_uri(url)
+        served = mlflow.pyfunc.load_model(f"runs:/{run_id}/classifier").predict(pixels)
+        mlflow.set_tracking_uri(ref_uri)
+        assert served == mlflow.pyfunc.load_model(f"runs:/{ref_run}/classifier").predict(pixels)
 
         assert sync_main([str(spool)]) == 0
         assert "already replayed" in capsys.readouterr().out
