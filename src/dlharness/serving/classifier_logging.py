@@ -62,14 +62,20 @@ def _pinned(packages: Sequence[str]) -> list[str]:
 
 @contextlib.contextmanager
 def quiet_any_type_hint() -> Iterator[None]:
-    """No warning that the input type hint is `list[Any]`.
+    """No warning that the classifier's `list[Any]` input is not validated by MLflow.
 
-    The items are arrays or strings, which MLflow's schema cannot say as one type; MLflow
-    warns about it on every log and load.
+    The items are pixel arrays or strings, which MLflow's schema cannot say as one type;
+    the model checks each one. MLflow forces that warning's filter to "once", so it is caught
+    as a record and dropped; other warnings are shown. (classifier_model.py does the same for
+    its class definition: it cannot import this.)
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
+    with warnings.catch_warnings(record=True) as caught:
         yield
+    for warning in caught:
+        if "Any type hint is inferred as AnyType" not in str(warning.message):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
 
 
 @contextlib.contextmanager

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import importlib.util
 import io
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -106,56 +109,76 @@ def _import_file(path: str, name: str) -> Any:
     return module
 
 
-class ImageClassifier(PythonModel):
-    """Each input item is one image: a uint8 pixel array (H×W greyscale, H×W×3 RGB, any size,
-    or its nested lists in JSON), or a base64-encoded PNG/JPEG file. It is converted to the
-    training images' channels and size and normalised as they were."""
+@contextlib.contextmanager
+def _no_any_hint_warning() -> Iterator[None]:
+    """Drop MLflow's warning that it cannot validate a `list[Any]` input, keep the others.
 
-    def load_context(self, context) -> None:
-        spec = json.loads(Path(context.artifacts[SPEC]).read_text())
-        nets = _import_file(context.artifacts[NETWORK_CODE], "classifier_network")
-        self.net = nets.build_net(spec["net"])
-        self.net.load_state_dict(torch.load(context.artifacts[WEIGHTS], weights_only=True))
-        self.net.eval()
-        self.class_names = spec["class_names"]
-        self.mode = _MODES[spec["channels"]]
-        self.size = spec["image_size"]
-        # The steps of the training transform (dlharness.data.base.image_transform), after
-        # the image has the training channels: resized only when its size differs.
-        self.resize = v2.Resize((self.size, self.size), antialias=True)
-        self.scale = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
-        )
-
-    def _tensor(self, image: Image.Image) -> torch.Tensor:
-        pixels = v2.functional.pil_to_tensor(image.convert(self.mode))
-        if tuple(pixels.shape[1:]) != (self.size, self.size):
-            pixels = self.resize(pixels)
-        return self.scale(pixels)
-
-    def predict(
-        self, model_input: list[Any], params: dict[str, Any] | None = None
-    ) -> list[Prediction]:
-        if len(model_input) == 0:
-            raise _bad_input("empty batch: send at least one image")
-        images = [_as_image(item, index) for index, item in enumerate(model_input)]
-        batch = torch.stack([self._tensor(image) for image in images])
-        with torch.inference_mode():
-            probabilities = torch.cat(
-                [self.net(chunk).softmax(dim=1) for chunk in batch.split(CHUNK)]
-            ).double()
-        answers = []
-        for row in probabilities.tolist():
-            index = int(np.argmax(row))
-            answers.append(
-                Prediction(
-                    class_name=self.class_names[index],
-                    class_index=index,
-                    confidence=row[index],
-                    probabilities=dict(zip(self.class_names, row, strict=True)),
-                )
+    The items are pixel arrays or strings, which MLflow's schema cannot say as one type;
+    `predict` checks each one. MLflow forces that warning's filter to "once", so it is caught
+    as a record rather than filtered.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        yield
+    for warning in caught:
+        if "Any type hint is inferred as AnyType" not in str(warning.message):
+            warnings.warn_explicit(
+                warning.message, warning.category, warning.filename, warning.lineno
             )
-        return answers
+
+
+# MLflow reads the input type hint when the class is defined.
+with _no_any_hint_warning():
+
+    class ImageClassifier(PythonModel):
+        """Each input item is one image: a uint8 pixel array (H×W greyscale, H×W×3 RGB, any size,
+        or its nested lists in JSON), or a base64-encoded PNG/JPEG file. It is converted to the
+        training images' channels and size and normalised as they were."""
+
+        def load_context(self, context) -> None:
+            spec = json.loads(Path(context.artifacts[SPEC]).read_text())
+            nets = _import_file(context.artifacts[NETWORK_CODE], "classifier_network")
+            self.net = nets.build_net(spec["net"])
+            self.net.load_state_dict(torch.load(context.artifacts[WEIGHTS], weights_only=True))
+            self.net.eval()
+            self.class_names = spec["class_names"]
+            self.mode = _MODES[spec["channels"]]
+            self.size = spec["image_size"]
+            # The steps of the training transform (dlharness.data.base.image_transform), after
+            # the image has the training channels: resized only when its size differs.
+            self.resize = v2.Resize((self.size, self.size), antialias=True)
+            self.scale = v2.Compose(
+                [v2.ToDtype(torch.float32, scale=True), v2.Normalize(spec["mean"], spec["std"])]
+            )
+
+        def _tensor(self, image: Image.Image) -> torch.Tensor:
+            pixels = v2.functional.pil_to_tensor(image.convert(self.mode))
+            if tuple(pixels.shape[1:]) != (self.size, self.size):
+                pixels = self.resize(pixels)
+            return self.scale(pixels)
+
+        def predict(
+            self, model_input: list[Any], params: dict[str, Any] | None = None
+        ) -> list[Prediction]:
+            if len(model_input) == 0:
+                raise _bad_input("empty batch: send at least one image")
+            images = [_as_image(item, index) for index, item in enumerate(model_input)]
+            batch = torch.stack([self._tensor(image) for image in images])
+            with torch.inference_mode():
+                probabilities = torch.cat(
+                    [self.net(chunk).softmax(dim=1) for chunk in batch.split(CHUNK)]
+                ).double()
+            answers = []
+            for row in probabilities.tolist():
+                index = int(np.argmax(row))
+                answers.append(
+                    Prediction(
+                        class_name=self.class_names[index],
+                        class_index=index,
+                        confidence=row[index],
+                        probabilities=dict(zip(self.class_names, row, strict=True)),
+                    )
+                )
+            return answers
 
 
 set_model(ImageClassifier())
