@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train ui server test lint format clean
+.PHONY: venv train ui server docs test lint format clean
 
 venv: $(STAMP)
 
@@ -31,6 +31,11 @@ ui: venv
 # A shared tracking server on 127.0.0.1:5000; BACKEND_STORE_URI=postgresql://… for PostgreSQL.
 server: venv
 	$(BIN)/python scripts/server.py $(ARGS)
+
+# The tutorial's screenshots, docs/img/*.png, from runs made into a temporary store.
+docs: venv
+	tools/install-chromium
+	$(BIN)/python scripts/screenshots.py $(ARGS)
 
 # Two test processes (pytest-xdist), a test file each at a time: most tests wait on a
 # subprocess, a server or a single-threaded step, so one process leaves a core idle

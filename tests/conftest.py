@@ -61,13 +61,19 @@ def torch_default_threads():
         torch.set_num_threads(threads)
 
 
-def bench_module(name: str) -> ModuleType:
-    """bench/NAME.py, which lives outside the installed package, imported as a module."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+def repo_module(relative: str) -> ModuleType:
+    """A module of the repository outside the installed package (bench/, tools/), imported."""
+    path = REPO / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def bench_module(name: str) -> ModuleType:
+    """bench/NAME.py, which lives outside the installed package, imported as a module."""
+    return repo_module(f"bench/{name}.py")
 
 
 # An empty SQLite store, made once per session: creating MLflow's tables (its migrations) takes

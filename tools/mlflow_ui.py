@@ -1,0 +1,117 @@
+"""The MLflow UI in headless Chromium: the pages the tutorial shows and the UI test checks.
+
+Debian's `chromium` package, driven by Playwright from PyPI with `executable_path` (no browser
+download). Selectors are MLflow 3's own test ids and component ids where it has them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from playwright.sync_api import Browser, Locator, Page, sync_playwright
+
+# Without the background-networking flags Chromium tries to reach Google's hosts at every
+# start, which this machine's closed network refuses.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+# Milliseconds a page element may take to appear: the UI's bundle is large, and 2 cores
+# running the test suite beside it make a first render take seconds.
+TIMEOUT_MS = 60_000
+VIEWPORT = {"width": 1400, "height": 900}
+
+
+def chromium_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@contextlib.contextmanager
+def browser() -> Iterator[Browser]:
+    path = chromium_path()
+    if path is None:
+        raise RuntimeError("no Chromium here: apt-get install chromium")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def line_points(path_d: str) -> int:
+    """Points of a Plotly line trace, from its SVG path ("M x,y L x,y L x,y")."""
+    return len(re.findall(r"[ML]", path_d))
+
+
+@dataclass
+class MlflowUi:
+    """One browser page on the MLflow UI at `url`."""
+
+    page: Page
+    url: str
+
+    @classmethod
+    def open(cls, browser_: Browser, url: str) -> MlflowUi:
+        page = browser_.new_page(viewport=VIEWPORT)
+        page.set_default_timeout(TIMEOUT_MS)
+        return cls(page, url.rstrip("/"))
+
+    def go(self, fragment: str) -> None:
+        self.page.goto(f"{self.url}/#/{fragment}", wait_until="domcontentloaded")
+
+    def close_assistant(self) -> None:
+        """Close MLflow's assistant panel, which covers a third of the page."""
+        panel = self.page.get_by_text("MLflow Assistant")
+        with contextlib.suppress(Exception):
+            panel.wait_for(timeout=5000)
+            self.page.get_by_role("button", name="Close", exact=True).first.click()
+
+    def run_charts(self, experiment_id: str, run_id: str, search: str) -> None:
+        """A run's model-metrics tab, its charts filtered by `search`."""
+        self.go(f"experiments/{experiment_id}/runs/{run_id}/model-metrics")
+        box = self.page.get_by_placeholder("Search metric charts")
+        box.fill(search)
+
+    def chart_card(self, title: str) -> Locator:
+        return self.page.locator('[data-testid="experiment-view-compare-runs-card"]').filter(
+            has=self.page.locator(f'h4[title="{title}"]')
+        )
+
+    def line_paths(self, scope: Locator | Page | None = None) -> list[str]:
+        """The SVG paths of the line traces drawn in `scope` (default: the page)."""
+        scope = scope or self.page
+        lines = scope.locator(".scatterlayer g.trace path.js-line")
+        lines.first.wait_for()
+        return [d for d in (line.get_attribute("d") for line in lines.all()) if d]
+
+    def hide_run_parameters(self, card: Locator) -> None:
+        """The image card's documented setting: Configure → Run details → off → Save.
+
+        MLflow's image card prints every param of the run above the picture; with the ≈80 a
+        dlharness run logs, that text fills the card and pushes the picture out of view.
+        """
+        card.locator('[data-testid="experiment-view-compare-runs-card-menu"]').click()
+        self.page.get_by_role("menuitem", name="Configure").click()
+        dialog = self.page.get_by_role("dialog")
+        dialog.get_by_role("switch", name="Show run parameters").click()
+        dialog.get_by_role("button", name="Save changes").click()
+        dialog.wait_for(state="hidden")
+
+    def select_runs(self, experiment_id: str, run_names: list[str]) -> None:
+        """Tick runs in the experiment's run list."""
+        self.go(f"experiments/{experiment_id}/runs")
+        for name in run_names:
+            row = self.page.locator(".ag-row", has_text=name).first
+            row.wait_for()
+            index = row.get_attribute("row-index")
+            self.page.locator(f".ag-row[row-index='{index}'] .ag-selection-checkbox").first.click()
+
+    def screenshot(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(path))
