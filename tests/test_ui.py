@@ -90,12 +90,8 @@ def test_each_epochs_confusion_matrix_is_visible_through_the_step_slider(site, p
 def test_two_selected_runs_compare_with_both_epoch_curves(site, page):
     _, experiment_id, runs, _ = site
     names = [name for _, name in runs]
-    page.select_runs(experiment_id, names)
-    page.page.get_by_role("button", name="Compare", exact=True).click()
-    page.page.wait_for_url("**/compare-runs?**")
+    page.compare_metric(experiment_id, names, "val/acc")
     assert all(run.run_id in page.page.url for run, _ in runs)
-    page.page.get_by_role("link", name="val/acc", exact=True).first.click()
-    page.page.wait_for_url("**/metric?**")
     lines = set(page.line_paths())
     assert len(lines) == 2
     assert {ui.line_points(line) for line in lines} == {EPOCHS}

@@ -112,6 +112,14 @@ class MlflowUi:
             index = row.get_attribute("row-index")
             self.page.locator(f".ag-row[row-index='{index}'] .ag-selection-checkbox").first.click()
 
+    def compare_metric(self, experiment_id: str, run_names: list[str], metric: str) -> None:
+        """Tick runs in the run list, press Compare, then open `metric`'s chart of them all."""
+        self.select_runs(experiment_id, run_names)
+        self.page.get_by_role("button", name="Compare", exact=True).click()
+        self.page.wait_for_url("**/compare-runs?**")
+        self.page.get_by_role("link", name=metric, exact=True).first.click()
+        self.page.wait_for_url("**/metric?**")
+
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.page.screenshot(path=str(path))
