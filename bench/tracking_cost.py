@@ -273,8 +273,10 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
         "end_of_run_s/evaluation": t["evaluation"],
         "end_of_run_s/model": t["model"],
         "end_of_run_s/onnx": t["onnx"],
+        "end_of_run_s/classifier": t["classifier"],
         "end_of_run_s": sum(
-            t[phase] for phase in ("package_index", "evaluation", "model", "onnx", "registry")
+            t[phase]
+            for phase in ("package_index", "evaluation", "model", "onnx", "classifier", "registry")
         ),
     }
 
@@ -371,6 +373,15 @@ def measure(
     for top, bottom in (("c", "b"), ("b", "a"), ("d", "b")):
         if top in fit and bottom in fit:
             result[f"ratio_{top}_over_{bottom}"] = fit[top] / fit[bottom]
+            # Paired: the ratio within each round, where a slow moment of the machine hits
+            # both variants, then its median and spread over the rounds.
+            per_round = [
+                t["fit_s"] / b["fit_s"] for t, b in zip(runs[top], runs[bottom], strict=True)
+            ]
+            result[f"paired_ratio_{top}_over_{bottom}"] = {
+                **_spread(per_round),
+                "rounds": [round(r, 4) for r in per_round],
+            }
     budget = BUDGETS.get(work.name, {})
     checks = {}
     if "ratio_c_over_b" in result and "ratio_c_over_b" in budget:
@@ -414,7 +425,14 @@ def print_report(results: dict[str, Any]) -> None:
             for k, v in result.items()
             if k.startswith("ratio_")
         )
-        console.print(f"  ratios: {ratios}")
+        console.print(f"  ratios of medians: {ratios}")
+        paired = "  ".join(
+            f"{k.removeprefix('paired_ratio_').replace('_over_', '/')} = {v['median']:.3f} "
+            f"[{v['min']:.3f}–{v['max']:.3f}]"
+            for k, v in result.items()
+            if k.startswith("paired_ratio_")
+        )
+        console.print(f"  paired ratios, per round (median [min–max]): {paired}")
         if "c_dlharness" in result:
             c = result["c_dlharness"]
             parts = "  ".join(
@@ -519,7 +537,8 @@ def read_results(path: Path) -> dict[str, Any]:
 
 def merge_results(previous: dict[str, Any], device: str, section: dict[str, Any]) -> dict[str, Any]:
     """One section per device, updated by workload (a GPU run keeps the CPU numbers, a run of
-    one workload the others'), then flat keys such as ``digits.ratio_c_over_b``."""
+    one workload the others'), then flat keys such as ``digits.ratio_c_over_b`` and
+    ``digits.paired_ratio_c_over_b`` (the median over rounds)."""
     results = {d: previous[d] for d in ("cpu", "gpu") if isinstance(previous.get(d), dict)}
     kept = results.get(device, {}).get("workloads", {})
     results[device] = {**section, "workloads": {**kept, **section["workloads"]}}
@@ -529,6 +548,8 @@ def merge_results(previous: dict[str, Any], device: str, section: dict[str, Any]
             for key, value in result.items():
                 if key.startswith("ratio_"):
                     results[f"{name}.{key}"] = value
+                if key.startswith("paired_ratio_"):
+                    results[f"{name}.{key}"] = value["median"]
             if "c_dlharness" in result:
                 results[f"{name}.end_of_run_s"] = result["c_dlharness"]["end_of_run_s"]["median"]
     return results

@@ -39,8 +39,13 @@ def test_benchmark_smoke(tmp_path):
         "per_epoch_ms/checkpoint_save",
         "per_epoch_ms/artifact_upload",
         "end_of_run_s/package_index",
+        "end_of_run_s/classifier",
         "end_of_run_s",
     } <= set(tracking)
+    paired = workload["paired_ratio_c_over_b"]
+    assert len(paired["rounds"]) == workload["repeats"]
+    assert paired["min"] <= paired["median"] <= paired["max"]
+    assert results["digits.paired_ratio_c_over_b"] == paired["median"] > 0
     for ratio in ("ratio_c_over_b", "ratio_b_over_a", "ratio_d_over_b"):
         assert results[f"digits.{ratio}"] == workload[ratio] > 0
     assert set(workload["within_budget"]) == {"ratio_c_over_b", "ratio_b_over_a", "end_of_run_s"}
