@@ -432,7 +432,7 @@ def print_report(results: dict[str, Any]) -> None:
             for k, v in result.items()
             if k.startswith("paired_ratio_")
         )
-        console.print(f"  paired ratios, per round (median [min–max]): {paired}")
+        console.print(escape(f"  paired ratios, per round (median [min–max]): {paired}"))
         if "c_dlharness" in result:
             c = result["c_dlharness"]
             parts = "  ".join(
