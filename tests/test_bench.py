@@ -38,10 +38,12 @@ def test_benchmark_smoke(tmp_path):
         "per_epoch_ms/plots",
         "per_epoch_ms/checkpoint_save",
         "per_epoch_ms/artifact_upload",
+        "per_epoch_ms/training_thread_stall",
         "end_of_run_s/package_index",
         "end_of_run_s/classifier",
         "end_of_run_s",
     } <= set(tracking)
+    assert tracking["per_epoch_ms/training_thread_stall"]["median"] > 0
     paired = workload["paired_ratio_c_over_b"]
     assert len(paired["rounds"]) == workload["repeats"]
     assert paired["min"] <= paired["median"] <= paired["max"]

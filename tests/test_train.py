@@ -39,6 +39,14 @@ def test_default_config_reaches_97_percent_test_accuracy(logged):
     assert run.info.status == "FINISHED"
 
 
+def test_timings_say_how_long_training_waited_on_tracking(logged):
+    """The training thread's time in the callback's hooks holds the checkpoint copies and is
+    part of the fit."""
+    _, result, _, _ = logged
+    t = result.timings
+    assert 0 < t["checkpoint_save"] <= t["tracking_hooks"] < t["fit"]
+
+
 @pytest.mark.parametrize("key", [*EPOCH_METRICS, "train/lr"])
 def test_every_epoch_metric_has_one_value_per_epoch(logged, key):
     cfg, result, client, _ = logged

@@ -76,8 +76,10 @@ class TrainResult:
     registered_version: str | None
     module: ClassifierModule
     # Seconds by phase: "fit" (training with its per-epoch tracking, uploads drained),
-    # "checkpoint_save" (on the training thread), "worker/<job>" (CPU seconds of the tracking
-    # thread), and the end-of-run "package_index", "evaluation", "model", "onnx", "registry".
+    # "checkpoint_save" (on the training thread), "tracking_hooks" (the training thread in
+    # MlflowTracking's per-batch and per-epoch hooks, that copy included), "worker/<job>"
+    # (CPU seconds of the tracking thread), and the end-of-run "package_index",
+    # "evaluation", "model", "onnx", "classifier", "registry".
     timings: dict[str, float]
     # Where this run's writes wait while the tracking server did not answer; None if it did.
     spooled: Path | None = None
@@ -445,6 +447,7 @@ def _tracked_training(
         timings = {
             "fit": time.perf_counter() - started,
             "checkpoint_save": tracking.save_seconds,
+            "tracking_hooks": tracking.hook_seconds,
             **{f"worker/{job}": seconds for job, seconds in tracking.job_seconds.items()},
         }
         started = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -9,7 +10,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,20 @@ DEFAULT_SPOOL_DIR = "mlflow-spool"
 # every epoch's values anyway, and on 0.5 s epochs redrawing each time is a fifth of what
 # tracking costs.
 CURVES_EVERY_S = 5.0
+
+
+def _on_training_thread(hook: Callable[..., None]) -> Callable[..., None]:
+    """Count the hook's seconds in `hook_seconds`: time the training thread waits on tracking."""
+
+    @functools.wraps(hook)
+    def timed(self: MlflowTracking, *args: Any, **kwargs: Any) -> None:
+        started = time.perf_counter()
+        try:
+            hook(self, *args, **kwargs)
+        finally:
+            self.hook_seconds += time.perf_counter() - started
+
+    return timed
 
 
 class MlflowTracking(Checkpoint):
@@ -200,9 +215,12 @@ class MlflowTracking(Checkpoint):
         self._fitting = False
         self._released = True
         # Seconds the training thread spent in save_checkpoint (a copy of the tensors; the
-        # write and the upload are the worker's), and CPU seconds of the tracking thread per
-        # kind of job, in the last fit.
+        # write and the upload are the worker's), in this callback's per-batch and per-epoch
+        # hooks all told (the copy, waits for the worker, confusion counts: what tracking
+        # stalls training by, besides sharing the CPU), and CPU seconds of the tracking
+        # thread per kind of job, in the last fit.
         self.save_seconds = 0.0
+        self.hook_seconds = 0.0
         self.job_seconds: dict[str, float] = {}
 
         self._logged = LoggedSteps()
@@ -365,7 +383,7 @@ class MlflowTracking(Checkpoint):
         self._curves_drawn_at = -math.inf
         self._images_tagged = False
         self._upload = None
-        self.save_seconds, self.job_seconds = 0.0, {}
+        self.save_seconds, self.hook_seconds, self.job_seconds = 0.0, 0.0, {}
 
     def _wants_system_metrics(self) -> bool:
         assert self.run is not None
@@ -474,6 +492,7 @@ class MlflowTracking(Checkpoint):
     # Every batch
 
     @override
+    @_on_training_thread
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -482,6 +501,7 @@ class MlflowTracking(Checkpoint):
             self._probe = dict(trainer.callback_metrics)
 
     @override
+    @_on_training_thread
     def on_train_batch_end(
         self,
         trainer: L.Trainer,
@@ -513,6 +533,7 @@ class MlflowTracking(Checkpoint):
         self._stop_now(f" at epoch {epoch}, batch {done} of {trainer.num_training_batches}")
 
     @override
+    @_on_training_thread
     def on_validation_batch_end(
         self,
         trainer: L.Trainer,
@@ -533,6 +554,7 @@ class MlflowTracking(Checkpoint):
                       "returns labels, so pass class_names or num_classes")  # fmt: skip
 
     @override
+    @_on_training_thread
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._fitting or trainer.sanity_checking:
             return
@@ -548,6 +570,7 @@ class MlflowTracking(Checkpoint):
     # Every epoch
 
     @override
+    @_on_training_thread
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # A Checkpoint callback: this runs after the module's own on_train_epoch_end, so what
         # the module logs there is seen too.
