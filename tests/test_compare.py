@@ -220,6 +220,13 @@ def test_bad_input_is_one_line_and_exit_2(lrs, capsys, argv, expected):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_a_missing_store_is_named_and_not_created(tmp_path, capsys):
+    absent = tmp_path / "mlflow.db"
+    assert main(["--tracking-uri", f"sqlite:///{absent}"]) == 2
+    assert f"no tracking store at {absent}" in capsys.readouterr().err
+    assert not absent.exists()
+
+
 def test_script_and_console_entry_point(lrs, tmp_path):
     uri, _ = lrs
     proc = subprocess.run(

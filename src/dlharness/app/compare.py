@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from dlharness.app.config import DEFAULT_TRACKING_URI, TrackingConfig
+from dlharness.app.config import TrackingConfig
+from dlharness.app.run_lifecycle import existing_store
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 
 DEFAULT_METRICS = ("val/loss", "val/acc")
@@ -447,8 +448,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # A terminal gets its own width; a file or pipe gets room for the widest summary.
     console = Console() if sys.stdout.isatty() else Console(width=250)
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     try:
+        uri = existing_store(args.tracking_uri)
         if args.log_to and not args.plot:
             raise UsageError("--log-to needs --plot PATH.png")
         for run_id in [*args.run_ids, *filter(None, [args.run, args.log_to])]:

@@ -12,7 +12,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,10 @@ from torch import nn
 import dlharness
 from dlharness.data import ClassificationDataModule
 from dlharness.models import nets
-from dlharness.serving import ImagePreprocessing, log_classifier
+from dlharness.serving import ImagePreprocessing, log_classifier, pinned
 from dlharness.tracking.spool import Spool, SpoolingClient
 
 CANDIDATE_ALIAS = "candidate"
-
-
-def pinned(*packages: str) -> list[str]:
-    """Exact installed versions, as pip requirements.
-
-    Given explicitly because MLflow's requirement inference re-imports the model in a
-    subprocess, which costs seconds per run.
-    """
-    return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dlharness.serving.classifier_logging import (
     ImagePreprocessing,
     log_classifier,
+    pinned,
     quiet_any_type_hint,
 )
 
-__all__ = ["ImagePreprocessing", "log_classifier", "quiet_any_type_hint"]
+__all__ = ["ImagePreprocessing", "log_classifier", "pinned", "quiet_any_type_hint"]

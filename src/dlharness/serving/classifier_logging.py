@@ -56,7 +56,12 @@ class ImagePreprocessing:
         return [image[:, :, 0] if self.channels == 1 else image for image in images]
 
 
-def _pinned(packages: Sequence[str]) -> list[str]:
+def pinned(*packages: str) -> list[str]:
+    """Exact installed versions, as pip requirements.
+
+    Given explicitly because MLflow's requirement inference re-imports the model in a
+    subprocess, which costs seconds per run.
+    """
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
@@ -134,5 +139,5 @@ def log_classifier(
                 python_model=str(MODEL_CODE),
                 artifacts=artifacts,
                 input_example=[image.tolist() for image in example_images[:2]],
-                pip_requirements=_pinned(REQUIREMENTS),
+                pip_requirements=pinned(*REQUIREMENTS),
             )
