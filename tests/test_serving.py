@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import base64
 import csv
+import http.server
 import io
 import json
 import re
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -191,6 +193,30 @@ def test_predict_refuses_bad_input_in_one_line(server, trained, images, tmp_path
         err = capsys.readouterr().err
         assert message in err
         assert err.count("\n") == 1
+
+
+def test_predict_reports_a_failing_server_in_one_line(trained, images, tmp_path, capsys):
+    """A server that answers 500 (a real HTTP server on loopback) is an error, exit 1."""
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.dumps({"error_code": "INTERNAL_ERROR", "message": "Error: out of memory"})
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    write_pngs(tmp_path / "pngs", images[:1])
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing) as failing:
+        threading.Thread(target=failing.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{failing.server_address[1]}"
+        code = predict.main([f"models:/{NAME}@champion", str(tmp_path / "pngs"), "--server", url])
+        failing.shutdown()
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err == "dlharness-predict: error: the server failed (HTTP 500): out of memory\n"
 
 
 def test_serve_refuses_a_model_the_store_does_not_have(trained, capsys):

@@ -23,6 +23,12 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".
 # Images per request or predict call: a 32×32 PNG is ≈2 KB of base64, so ≈0.5 MB a request.
 BATCH = 256
 REQUEST_TIMEOUT_S = 120
+# The server failed on its side (5xx): not the user's input.
+EXIT_SERVER_ERROR = 1
+
+
+class ServerError(Exception):
+    """The model server answered with a 5xx."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,7 +107,9 @@ def predict_on_server(url: str, images: list[str]) -> list[dict[str, Any]]:
             raise UsageError(f"no model server answers at {url} ({type(exc).__name__})") from None
         if 400 <= response.status_code < 500:
             raise UsageError(f"the server refused the images: {server_reason(response)}")
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise ServerError(f"the server failed (HTTP {response.status_code}): "
+                              f"{server_reason(response)}")  # fmt: skip
         answers += response.json()["predictions"]
     return answers
 
@@ -153,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dlharness-predict: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ServerError as exc:
+        print(f"dlharness-predict: error: {exc}", file=sys.stderr)
+        return EXIT_SERVER_ERROR
     if args.out:
         with open(args.out, "w", newline="") as out:
             write_csv(files, answers, out)
