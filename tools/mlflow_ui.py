@@ -116,9 +116,17 @@ class MlflowUi:
         """Tick runs in the run list, press Compare, then open `metric`'s chart of them all."""
         self.select_runs(experiment_id, run_names)
         self.page.get_by_role("button", name="Compare", exact=True).click()
-        self.page.wait_for_url("**/compare-runs?**")
-        self.page.get_by_role("link", name=metric, exact=True).first.click()
-        self.page.wait_for_url("**/metric?**")
+        self.wait_for_route("compare-runs")
+        link = self.page.get_by_role("link", name=metric, exact=True).first
+        link.wait_for()
+        link.click()
+        self.wait_for_route("metric")
+
+    def wait_for_route(self, route: str) -> None:
+        """Wait until the single-page app shows `route` (a hash change fires no load event)."""
+        self.page.wait_for_function(
+            "route => window.location.hash.startsWith(`#/${route}`)", arg=route
+        )
 
     def screenshot(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
