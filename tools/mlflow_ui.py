@@ -119,7 +119,9 @@ class MlflowUi:
         self.wait_for_route("compare-runs")
         link = self.page.get_by_role("link", name=metric, exact=True).first
         link.wait_for()
-        link.click()
+        # The link sits below plots that are still rendering and pushing it down: a click at
+        # its position may land elsewhere (seen in CI), so the click goes to the element.
+        link.dispatch_event("click")
         self.wait_for_route("metric")
 
     def wait_for_route(self, route: str) -> None:
