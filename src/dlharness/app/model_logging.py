@@ -143,8 +143,9 @@ def log_served_classifier(
     net: nn.Module, net_spec: dict, served: ServedClasses, example_batch: torch.Tensor
 ) -> ModelInfo:
     """The model `dlharness-serve` serves: raw images in, class names out (no dlharness needed)."""
+    # log_classifier saves only the weights, as float32 on the CPU: no copy of the network.
     return log_classifier(
-        _cpu_copy(net),
+        net,
         net_spec,
         Path(nets.__file__),
         served.class_names,

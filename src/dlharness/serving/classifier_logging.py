@@ -122,7 +122,12 @@ def log_classifier(
     if len(class_names) == 0:
         raise ValueError("class_names is empty")
     spec = {"net": net_spec, "class_names": list(class_names), **asdict(preprocessing)}
-    weights = {k: v.detach().to("cpu", torch.float32) for k, v in net.state_dict().items()}
+    # Float tensors as contiguous float32 on the CPU (whatever the training's precision and
+    # layout); integer buffers such as BatchNorm's batch count keep their type.
+    weights = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
+        for k, v in net.state_dict().items()
+    }
     with tempfile.TemporaryDirectory(prefix="dlharness-classifier-") as scratch:
         folder = Path(scratch)
         (folder / "spec.json").write_text(json.dumps(spec, indent=2))
