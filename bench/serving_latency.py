@@ -28,7 +28,7 @@ import requests
 
 from dlharness.app.run_lifecycle import existing_store
 from dlharness.app.serve import serve_command, serve_env
-from dlharness.app.server import free_port, is_loopback, stop_server
+from dlharness.app.server import free_port, is_loopback, stop_server, wait_until_healthy
 from dlharness.data.digits import digit_images
 from dlharness.serving import quiet_any_type_hint
 from dlharness.tracking.environment import collect_environment
@@ -48,14 +48,8 @@ def started_server(model_uri: str, tracking_uri: str) -> Iterator[str]:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_START_S
-        while process.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise RuntimeError(f"mlflow models serve for {model_uri} did not start")
+        # The scoring server answers /health like the tracking server.
+        wait_until_healthy(url, process, SERVE_START_S)
         yield url
     finally:
         stop_server(process)

@@ -11,7 +11,6 @@ import json
 import re
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dlharness.app import predict, promote, serve
-from dlharness.app.server import free_port, running_server, stop_server
+from dlharness.app.server import free_port, running_server, stop_server, wait_until_healthy
 from dlharness.app.train import train
 from dlharness.data.base import image_transform
 from dlharness.data.digits import DigitsDataModule, digit_images
@@ -32,7 +31,7 @@ pytestmark = pytest.mark.slow
 
 NAME = "digits-served"
 DIGITS = [str(d) for d in range(10)]
-# Seconds `mlflow models serve` may take to answer /ping (≈5 s measured on 2 cores).
+# Seconds `mlflow models serve` may take to answer /health (≈5 s measured on 2 cores).
 SERVE_START_S = 90
 
 
@@ -72,15 +71,10 @@ def server(trained, tmp_path_factory):
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + SERVE_START_S
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                time.sleep(0.2)
-        else:
-            pytest.fail(f"dlharness-serve did not answer /ping: {log.read_text()[-2000:]}")
+        try:
+            wait_until_healthy(url, process, SERVE_START_S)
+        except (RuntimeError, TimeoutError) as exc:
+            pytest.fail(f"dlharness-serve: {exc}: {log.read_text()[-2000:]}")
         yield url
     finally:
         stop_server(process)
