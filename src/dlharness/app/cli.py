@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlharness.app.config import (
     ACCELERATORS,
@@ -27,6 +27,9 @@ from dlharness.app.config import (
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.worker import StorageError
+
+if TYPE_CHECKING:
+    from dlharness.app.train import TrainResult
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
 FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
@@ -122,6 +125,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
+    exports = parser.add_argument_group(
+        "files for other tools", "written from the finished run's metrics as MLflow holds them"
+    )
+    exports.add_argument(
+        "--metrics-file",
+        metavar="PATH",
+        help="JSON of each metric's last value by stage, e.g. DVC metrics (default: none)",
+    )
+    exports.add_argument(
+        "--plots-dir",
+        metavar="DIR",
+        help="train.csv and val.csv, a row per epoch, e.g. DVC plots (default: none)",
     )
     resume = parser.add_argument_group(
         "resume",
@@ -248,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{result.spooled}: once it is back, run: dlharness-sync {result.spooled}",
             file=sys.stderr,
         )
+    export_metrics(args, result)
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))
     print(f"run {result.run_id} finished: {metrics}")
     if result.tracking_uri.startswith(("http://", "https://")):
@@ -256,6 +273,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         ui = shlex.join([mlflow_command(), "ui", "--backend-store-uri", result.tracking_uri])
         print(f"compare epochs: {ui}")
     return 0
+
+
+def export_metrics(args: argparse.Namespace, result: TrainResult) -> None:
+    if args.metrics_file is None and args.plots_dir is None:
+        return
+    if result.spooled is not None:
+        print(
+            "dlharness-train: --metrics-file/--plots-dir not written: the tracking server "
+            "holds the metrics only after dlharness-sync",
+            file=sys.stderr,
+        )
+        return
+    from mlflow.tracking import MlflowClient
+
+    from dlharness.app.metrics_export import write_epoch_csvs, write_metrics_json
+
+    client = MlflowClient(result.tracking_uri)
+    if args.metrics_file is not None:
+        write_metrics_json(client, result.run_id, Path(args.metrics_file))
+    if args.plots_dir is not None:
+        write_epoch_csvs(client, result.run_id, Path(args.plots_dir))
 
 
 def mlflow_command() -> str:

@@ -54,11 +54,17 @@ def split_record(datamodule: ClassificationDataModule, split: str) -> NumpyDatas
     )
 
 
-def log_datasets(client: MlflowClient, run_id: str, datamodule: ClassificationDataModule) -> None:
+def log_datasets(
+    client: MlflowClient,
+    run_id: str,
+    datamodule: ClassificationDataModule,
+    input_tags: dict[str, str],
+) -> None:
+    extra = [InputTag(key=key, value=value) for key, value in input_tags.items()]
     inputs = [
         DatasetInput(
             dataset=split_record(datamodule, split)._to_mlflow_entity(),
-            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=split)],
+            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=split), *extra],
         )
         for split in ("train", "val", "test")
     ]
@@ -88,10 +94,12 @@ class DatasetRecords(L.Callback):
 
     Args:
         tracking: The fit's tracking callback, whose run and thread these records go to.
+        input_tags: Tags for every split's record beside its context (the DVC data version).
     """
 
-    def __init__(self, tracking: MlflowTracking) -> None:
+    def __init__(self, tracking: MlflowTracking, input_tags: dict[str, str] | None = None) -> None:
         self.tracking = tracking
+        self.input_tags = dict(input_tags or {})
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -99,7 +107,9 @@ class DatasetRecords(L.Callback):
         if not self.tracking.logging or not isinstance(datamodule, ClassificationDataModule):
             return
         client, run_id = self.tracking.client, self.tracking.run.run_id
-        self.tracking.submit("dataset records", log_datasets, client, run_id, datamodule)
+        self.tracking.submit(
+            "dataset records", log_datasets, client, run_id, datamodule, self.input_tags
+        )
         # Gathered here: torch work on the tracking thread would slow training down.
         images, captions = training_samples(datamodule)
         title = f"{datamodule.name}: training samples as the network sees them"

@@ -32,6 +32,7 @@ from typing_extensions import override
 import dlharness
 from dlharness.app.components import build_datamodule, build_module
 from dlharness.app.config import TrainConfig, parse_devices
+from dlharness.app.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
 from dlharness.app.dataset_records import DatasetRecords
 from dlharness.app.distributed import is_launch_leader
 from dlharness.app.evaluation import evaluate, log_evaluation
@@ -433,10 +434,15 @@ def _tracked_training(
     set_run_tags(
         run_id, {"model.type": spec["name"], "model.class": type(module.net).__name__}, client
     )
+    # The DVC version of the data folder read (bundled sets have none), and the `dvc exp run`.
+    version = data_version(cfg.data.data_dir) if Path(datamodule.source).exists() else None
+    if tags := {**experiment_tags(), **(version.tags() if version else {})}:
+        set_run_tags(run_id, tags, client)
+    input_tags = {TAG_MD5: version.md5, TAG_PATH: version.path} if version else {}
     tracking = build_tracking(cfg, datamodule.info.class_names, single)
     best = BestWeights(tracking)
     early_stop = build_early_stop(cfg)
-    callbacks = [DatasetRecords(tracking), early_stop, tracking, best]
+    callbacks = [DatasetRecords(tracking, input_tags), early_stop, tracking, best]
     trainer = build_trainer(cfg, accelerator, [c for c in callbacks if c is not None])
     package_index = PackageIndex() if fast_package_index else None
     try:
