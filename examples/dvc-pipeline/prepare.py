@@ -1,7 +1,7 @@
 """Stage `prepare`: the image folder the `train` stage reads, one sub-folder per class.
 
-    python prepare.py OUT                 # scikit-learn's bundled 8×8 digits as PNG files
-    python prepare.py --from DIR OUT      # your own images: DIR/<class>/<image>, copied as is
+python prepare.py OUT                 # scikit-learn's bundled 8×8 digits as PNG files
+python prepare.py --from DIR OUT      # your own images: DIR/<class>/<image>, copied as is
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def write_digits(out: Path) -> int:
     for index, (image, label) in enumerate(zip(pixels, bunch.target, strict=True)):
         folder = out / str(label)
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(folder / f"{index:04d}.png")
+        Image.fromarray(image).save(folder / f"{index:04d}.png")
     return len(pixels)
 
 
