@@ -269,4 +269,5 @@ def test_readme_flag_table_names_every_flag():
     }
     switches = [switch[0] for switch in SWITCHES]
     flags = [flag[0] for flag in FLAGS] + switches + ["--config", "--tag", "--print-config"]
+    flags += ["--metrics-file", "--plots-dir"]
     assert sorted(set(flags) - table) == []
