@@ -39,11 +39,12 @@ docs: venv
 
 # Two test processes (pytest-xdist), a test file each at a time: most tests wait on a
 # subprocess, a server or a single-threaded step, so one process leaves a core idle
-# (measured: ≈1 core busy on average over the suite on 2 cores).
+# (measured: ≈1 core busy on average over the suite on 2 cores). Files go out costliest first
+# (tests/conftest.py), not by test count.
 TEST_WORKERS ?= 2
 
 test: venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .

@@ -77,6 +77,8 @@ def test_pipeline_runs_link_to_their_data_version_and_reproduce_from_the_remote(
     shutil.copytree(EXAMPLE, pipe)
     params = yaml.safe_load((pipe / "params.yaml").read_text())
     params["trainer"]["max_epochs"] = 2
+    # What this test checks needs no ONNX copy of each model (≈1 s a run).
+    params["tracker"] = {"onnx": False}
     (pipe / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     uri = empty_store(tmp_path)
     # The stages run `python` and `dlharness-train` from PATH, as in an activated environment.
