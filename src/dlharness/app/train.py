@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,7 +303,11 @@ def process_count(cfg: TrainConfig, accelerator: str) -> int:
 
 
 def train(
-    cfg: TrainConfig, resume: ResumePoint | None = None, *, fast_package_index: bool = False
+    cfg: TrainConfig,
+    resume: ResumePoint | None = None,
+    *,
+    fast_package_index: bool = False,
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult | None:
     """Train, evaluate and log one run as `cfg` says; raise `UsageError` for bad input.
 
@@ -312,13 +317,14 @@ def train(
     its result; every other rank trains its shard in step with it and returns None.
     `fast_package_index` hands MLflow its package index from a per-environment cache (see
     `PackageIndex`: it swaps a function inside MLflow while the index is built), ≈1.2 s less
-    at the end of the first run of a process.
+    at the end of the first run of a process. `callbacks` join the harness's own in the
+    leading process's Trainer, after the tracking callback (a sweep's pruning judge).
     """
     try:
         if not is_launch_leader():
             _follow(cfg, resume)
             return None
-        return _train(cfg, resume, fast_package_index)
+        return _train(cfg, resume, fast_package_index, list(callbacks))
     finally:
         # Autolog patches Trainer.fit for the whole process: later fits of the caller's own
         # would start autolog runs.
@@ -356,7 +362,12 @@ def _reopens(resume: ResumePoint | None) -> bool:
     return resume is not None and not resume.fork
 
 
-def _train(cfg: TrainConfig, resume: ResumePoint | None, fast_package_index: bool) -> TrainResult:
+def _train(
+    cfg: TrainConfig,
+    resume: ResumePoint | None,
+    fast_package_index: bool,
+    extra_callbacks: list[Callback],
+) -> TrainResult:
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
     accelerator = check_hardware(cfg)
@@ -401,8 +412,9 @@ def _train(cfg: TrainConfig, resume: ResumePoint | None, fast_package_index: boo
         run_id = run.info.run_id
         try:
             return _tracked_training(
-                cfg, accelerator, module, datamodule, resume, run, single, fast_package_index
-            )
+                cfg, accelerator, module, datamodule, resume, run, single, fast_package_index,
+                extra_callbacks,
+            )  # fmt: skip
         except SIGTERMException:
             stopped = TrainingInterrupted(signal.SIGTERM, " (DDP: at the last checkpoint)")
             stopped.run_id, stopped.tracking_uri = run_id, uri
@@ -424,6 +436,7 @@ def _tracked_training(
     run: Run,
     single: bool,
     fast_package_index: bool,
+    extra_callbacks: list[Callback],
 ) -> TrainResult:
     run_id = run.info.run_id
     client = SpoolingClient(cfg.tracking.tracking_uri, cfg.tracking.spool_dir, run_id)
@@ -442,7 +455,7 @@ def _tracked_training(
     tracking = build_tracking(cfg, datamodule.info.class_names, single)
     best = BestWeights(tracking)
     early_stop = build_early_stop(cfg)
-    callbacks = [DatasetRecords(tracking, input_tags), early_stop, tracking, best]
+    callbacks = [DatasetRecords(tracking, input_tags), early_stop, tracking, best, *extra_callbacks]
     trainer = build_trainer(cfg, accelerator, [c for c in callbacks if c is not None])
     package_index = PackageIndex() if fast_package_index else None
     try:

@@ -1,0 +1,501 @@
+"""`dlharness-sweep`: an Optuna study whose trials are complete dlharness runs nested under one
+parent run, judged and pruned every epoch, shared by worker processes through Optuna's storage.
+
+A worker killed mid-trial stops beating (Optuna's heartbeat); the next trial any worker starts
+fails the stale one and retries it with the same parameters and user attributes, among them
+the MLflow run id: the retry resumes that run from its last logged checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import optuna
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from typing_extensions import override
+
+from dlharness.app.config import TrainConfig, load_config
+from dlharness.app.model_logging import register_candidate
+from dlharness.app.run_lifecycle import check_tracking_uri, set_experiment
+from dlharness.app.sweep_config import SweepConfig, load_sweep
+from dlharness.callbacks.mlflow_tracking import MlflowTracking
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.tracking.interruption import TrainingInterrupted
+from dlharness.tracking.redaction import redact_uri
+
+DEFAULT_STORAGE = "sqlite:///sweeps.db"
+# Study user attributes: the parent run, and its store.
+PARENT_ATTR = "mlflow_parent_run_id"
+# Trial user attribute: the trial's own run; a retry of a stale trial inherits it.
+RUN_ATTR = "mlflow_run_id"
+TAG_STUDY = "sweep.study"
+TAG_TRIAL = "sweep.trial"
+TAG_STATE = "sweep.state"
+TAG_PRUNED_AT = "sweep.pruned_at_epoch"
+TAG_RETRY_OF = "sweep.retry_of_trial"
+PARENT_TAG = "mlflow.parentRunId"
+# Seconds between a running trial's heartbeats, and without one before another worker takes
+# the trial over (Optuna checks when a worker starts its next trial).
+HEARTBEAT_S = 5
+GRACE_S = 20
+FINISHED_STATES = (
+    optuna.trial.TrialState.COMPLETE,
+    optuna.trial.TrialState.PRUNED,
+    optuna.trial.TrialState.FAIL,
+)
+
+
+class EpochJudge(L.Callback):
+    """Reports the sweep metric to the Optuna trial every epoch and stops a pruned trial at the
+    end of that epoch, its run kept as logged.
+
+    Args:
+        trial: The Optuna trial the fit belongs to.
+        metric: A per-epoch metric key, e.g. ``val/acc``.
+    """
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial = trial
+        self.metric = metric
+        self.values: dict[int, float] = {}
+        self.pruned_at: int | None = None
+        self.run_id: str | None = None
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tracking = next((c for c in trainer.callbacks if isinstance(c, MlflowTracking)), None)
+        if tracking is not None and tracking.logging:
+            self.run_id = tracking.run.run_id
+            # Stored before the first epoch: a worker that takes a stale trial over resumes it.
+            self.trial.set_user_attr(RUN_ATTR, self.run_id)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.metric)
+        if trainer.sanity_checking or value is None:
+            return
+        epoch = trainer.current_epoch
+        self.values[epoch] = float(value)
+        self.trial.report(float(value), step=epoch)
+        if self.trial.should_prune():
+            self.pruned_at = epoch
+            trainer.should_stop = True
+
+
+@dataclass
+class Sweep:
+    """One worker's view of the study: the sweep file, the study, where runs go."""
+
+    config: SweepConfig
+    study: optuna.Study
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+
+def build_sampler(sweep: SweepConfig) -> optuna.samplers.BaseSampler:
+    if sweep.method == "grid":
+        return optuna.samplers.GridSampler(sweep.choices, seed=sweep.seed)
+    if sweep.method == "random":
+        return optuna.samplers.RandomSampler(seed=sweep.seed)
+    return optuna.samplers.TPESampler(seed=sweep.seed)
+
+
+def build_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=sweep.startup_trials, n_warmup_steps=sweep.warmup_epochs
+        )
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=max(1, sweep.warmup_epochs))
+    return optuna.pruners.NopPruner()
+
+
+def build_storage(url: str) -> optuna.storages.BaseStorage:
+    """Optuna's RDB storage with heartbeats; a stale trial is retried once, its run resumed."""
+    try:
+        return optuna.storages.RDBStorage(
+            url,
+            heartbeat_interval=HEARTBEAT_S,
+            grace_period=GRACE_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                max_retry=1
+            ),
+        )
+    except Exception as exc:
+        raise UsageError(f"--storage {redact_uri(url)}: {str(exc).splitlines()[0]}") from None
+
+
+def retried_numbers(study: optuna.Study) -> set[int]:
+    return {
+        number
+        for trial in study.get_trials(deepcopy=False)
+        for number in trial.system_attrs.get("retry_history", [])
+    }
+
+
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards the study's total: ended, and not since retried."""
+    retried = retried_numbers(study)
+    return sum(
+        1
+        for trial in study.get_trials(deepcopy=False, states=FINISHED_STATES)
+        if trial.number not in retried
+    )
+
+
+def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for key, choices in sweep.choices.items():
+        values[key] = trial.suggest_categorical(key, choices)
+    for key, dist in sweep.distributions.items():
+        if dist.kind == "int_uniform":
+            values[key] = trial.suggest_int(key, int(dist.low), int(dist.high))
+        else:
+            values[key] = trial.suggest_float(
+                key, dist.low, dist.high, log=dist.kind == "log_uniform"
+            )
+    return values
+
+
+def trial_config(sweep: Sweep, trial: optuna.Trial, values: dict[str, Any]) -> TrainConfig:
+    base = load_config(sweep.config.base)
+    tags = {
+        **base.tracking.tags,
+        PARENT_TAG: sweep.parent_run_id,
+        TAG_STUDY: sweep.study.study_name,
+        TAG_TRIAL: str(trial.number),
+    }
+    overrides = {
+        **sweep.config.fixed,
+        **values,
+        "tracker.monitor": sweep.config.metric,
+        "tracker.mode": "max" if sweep.config.maximize else "min",
+        "tracking.tracking_uri": sweep.tracking_uri,
+        "tracking.run_name": f"{sweep.study.study_name}-trial-{trial.number}",
+        "tracking.tags": tags,
+        # The sweep registers its best trial's model at the end (--register), not each trial's.
+        "tracking.register_model": None,
+    }
+    return load_config(sweep.config.base, overrides)
+
+
+def _set_tags(sweep: Sweep, run_id: str | None, tags: dict[str, str]) -> None:
+    if run_id is None:
+        return
+    for key, value in tags.items():
+        sweep.client.set_tag(run_id, key, value)
+
+
+def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
+    """The objective: one dlharness run; its best epoch's metric value."""
+    from dlharness.app.resume import prepare_resume
+    from dlharness.app.train import train
+
+    values = suggest(trial, sweep.config)
+    judge = EpochJudge(trial, sweep.config.metric)
+    taken_over = trial.user_attrs.get(RUN_ATTR)
+    try:
+        if taken_over is not None:
+            # A retry of a trial whose worker stopped beating: continue its run where its last
+            # checkpoint left it, with the epochs it logged reported again.
+            point = prepare_resume(taken_over, None, {}, sweep.tracking_uri, False)
+            _set_tags(sweep, taken_over, {TAG_RETRY_OF: str(trial.system_attrs["failed_trial"])})
+            for epoch, value in _logged_values(sweep, taken_over).items():
+                trial.report(value, step=epoch)
+                judge.values[epoch] = value
+            result = train(point.config, point, fast_package_index=True, callbacks=[judge])
+        else:
+            cfg = trial_config(sweep, trial, values)
+            result = train(cfg, fast_package_index=True, callbacks=[judge])
+    except (TrainingInterrupted, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        _set_tags(sweep, judge.run_id or taken_over, {TAG_STATE: "failed"})
+        logging.getLogger(__name__).warning(
+            "trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else exc
+        )
+        # Optuna records a NaN objective as a failed trial, and the study goes on.
+        return float("nan")
+    run_id = result.run_id if result is not None else judge.run_id
+    if judge.pruned_at is not None:
+        _set_tags(sweep, run_id, {TAG_STATE: "pruned", TAG_PRUNED_AT: str(judge.pruned_at)})
+        raise optuna.TrialPruned(f"pruned at epoch {judge.pruned_at}")
+    _set_tags(sweep, run_id, {TAG_STATE: "complete"})
+    pick = max if sweep.config.maximize else min
+    return pick(judge.values.values())
+
+
+def _logged_values(sweep: Sweep, run_id: str) -> dict[int, float]:
+    history = sweep.client.get_metric_history(run_id, sweep.config.metric)
+    return {m.step: m.value for m in history}
+
+
+def update_parent(sweep: Sweep) -> None:
+    """The best trial so far and the trial table, in the parent run."""
+    client, study, parent = sweep.client, sweep.study, sweep.parent_run_id
+    trials = study.get_trials(deepcopy=False)
+    table = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs"))
+    client.log_text(parent, table.to_csv(index=False), "trials.csv")
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    best = study.best_trial
+    client.log_metric(parent, f"best/{sweep.config.metric}", best.value, step=len(trials) - 1)
+    tags = {
+        "best.trial": str(best.number),
+        "best.value": repr(best.value),
+        "best.run_id": best.user_attrs.get(RUN_ATTR, ""),
+        **{f"best.param.{key}": str(value) for key, value in best.params.items()},
+    }
+    for key, value in tags.items():
+        client.set_tag(parent, key, value)
+
+
+def log_study_plots(sweep: Sweep) -> None:
+    """Optuna's optimisation history, parameter importances and parallel coordinates as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as plots
+
+    drawers = {
+        "optimization_history": plots.plot_optimization_history,
+        "param_importances": plots.plot_param_importances,
+        "parallel_coordinate": plots.plot_parallel_coordinate,
+    }
+    for name, draw in drawers.items():
+        try:
+            axes = draw(sweep.study)
+        except (ValueError, RuntimeError) as exc:  # too few finished trials for this one
+            logging.getLogger(__name__).info("sweep: no %s plot: %s", name, exc)
+            continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+        plt.close(figure)
+        sweep.client.log_image(sweep.parent_run_id, _png(buffer), artifact_file=f"plots/{name}.png")
+
+
+def _png(buffer: io.BytesIO):
+    from PIL import Image
+
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def open_parent(sweep_file: SweepConfig, study_name: str, uri: str, experiment_id: str) -> str:
+    """The study's parent run: created by the first worker, found and reopened by the others
+    and by later starts.
+
+    Workers on several machines may each create one at the same moment: every worker then
+    keeps the earliest (by start time, then id) and deletes its own if it lost, so all of
+    them agree, whatever the order of their creations and searches.
+    """
+    client = MlflowClient(uri)
+    query = f"tags.`{TAG_STUDY}` = '{study_name}' and tags.`sweep.role` = 'parent'"
+
+    def parents() -> list:
+        runs = client.search_runs([experiment_id], filter_string=query)
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    found = parents()
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return run_id
+    run = client.create_run(
+        experiment_id,
+        run_name=f"sweep-{study_name}",
+        tags={TAG_STUDY: study_name, "sweep.role": "parent"},
+    )
+    run_id = run.info.run_id
+    winner = parents()[0].info.run_id
+    if winner != run_id:
+        client.delete_run(run_id)
+        return winner
+    params = {
+        "sweep.method": sweep_file.method,
+        "sweep.metric": sweep_file.metric,
+        "sweep.goal": sweep_file.goal,
+        "sweep.trials": sweep_file.trials,
+        "sweep.pruner": sweep_file.pruner,
+        **{f"space.{key}": text for key, text in sweep_file.search_space().items()},
+        **{f"fixed.{key}": value for key, value in sweep_file.fixed.items()},
+    }
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    client.log_artifact(run_id, str(sweep_file.path))
+    return run_id
+
+
+class StopAtTotal:
+    """Stops this worker's loop once the study holds its total of finished trials."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if finished_count(study) >= self.total:
+            study.stop()
+
+
+def work(sweep: Sweep) -> None:
+    """Run trials until the study holds its total (counting every worker's)."""
+    if finished_count(sweep.study) >= sweep.config.trials:
+        return
+    sweep.study.optimize(
+        lambda trial: run_trial(sweep, trial),
+        callbacks=[StopAtTotal(sweep.config.trials), lambda study, trial: update_parent(sweep)],
+        gc_after_trial=True,
+    )
+
+
+def open_sweep(args: argparse.Namespace) -> Sweep:
+    config = load_sweep(args.config)
+    base = load_config(config.base)
+    uri = args.tracking_uri or base.resolved_tracking_uri()
+    check_tracking_uri(uri)
+    experiment_id = set_experiment(uri, base.tracking.experiment)
+    study_name = args.study or config.path.stem
+    storage = build_storage(args.storage)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction=config.goal,
+        sampler=build_sampler(config),
+        pruner=build_pruner(config),
+    )
+    if study.direction.name.lower() != config.goal:
+        raise UsageError(
+            f"study {study_name} in {redact_uri(args.storage)} was made to "
+            f"{study.direction.name.lower()}, the sweep file says {config.goal}"
+        )
+    parent = open_parent(config, study_name, uri, experiment_id)
+    return Sweep(config, study, uri, experiment_id, parent)
+
+
+def spawn_workers(args: argparse.Namespace, sweep: Sweep, count: int) -> list[subprocess.Popen]:
+    command = [
+        sys.executable, "-m", "dlharness.app.sweep", "--config", args.config,
+        "--study", sweep.study.study_name, "--storage", args.storage,
+        "--tracking-uri", sweep.tracking_uri, "--worker",
+    ]  # fmt: skip
+    return [subprocess.Popen(command) for _ in range(count)]
+
+
+def finish(sweep: Sweep, register: str | None) -> str:
+    """Plots, the parent's end state and the best model's registration; a one-line summary."""
+    update_parent(sweep)
+    log_study_plots(sweep)
+    done = finished_count(sweep.study) >= sweep.config.trials
+    status = RunStatus.FINISHED if done else RunStatus.KILLED
+    sweep.client.set_terminated(sweep.parent_run_id, RunStatus.to_string(status))
+    counts = {state: 0 for state in ("COMPLETE", "PRUNED", "FAIL")}
+    for trial in sweep.study.get_trials(deepcopy=False, states=FINISHED_STATES):
+        counts[trial.state.name] += 1
+    summary = (
+        f"study {sweep.study.study_name}: {counts['COMPLETE']} complete, {counts['PRUNED']} "
+        f"pruned, {counts['FAIL']} failed; parent run {sweep.parent_run_id}"
+    )
+    complete = [t for t in sweep.study.get_trials(deepcopy=False) if t.value is not None]
+    if complete:
+        best = sweep.study.best_trial
+        run_id = best.user_attrs.get(RUN_ATTR)
+        summary += (
+            f"; best trial {best.number}: {sweep.config.metric} {best.value:.4f} (run {run_id})"
+        )
+        if register is not None and run_id is not None:
+            import mlflow
+
+            mlflow.set_tracking_uri(sweep.tracking_uri)
+            version = register_candidate(f"runs:/{run_id}/classifier", register)
+            summary += f"; registered {register} version {version}, alias candidate"
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="dlharness-sweep",
+        description="Search hyperparameters with Optuna: every trial a dlharness run nested "
+        "under one parent run, judged and pruned every epoch.",
+    )
+    parser.add_argument("--config", required=True, metavar="PATH", help="the sweep file (YAML)")
+    parser.add_argument(
+        "--study", default=None, help="Optuna study name (default: the sweep file's name)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=DEFAULT_STORAGE,
+        help="Optuna storage shared by the workers: sqlite:///FILE or postgresql://… "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="trial processes on this machine (default: 1)"
+    )
+    parser.add_argument(
+        "--register", metavar="NAME", default=None,
+        help="register the best trial's classifier under NAME, alias candidate (default: none)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow store (default: the base config's, else $MLFLOW_TRACKING_URI, else "
+        "sqlite:///mlflow.db)",
+    )
+    # A process started by --workers: it runs trials and leaves the summary to its starter.
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        if args.workers < 1:
+            raise UsageError(f"--workers must be ≥ 1, got {args.workers}")
+        sweep = open_sweep(args)
+    except UsageError as exc:
+        print(f"dlharness-sweep: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    workers = [] if args.worker else spawn_workers(args, sweep, args.workers - 1)
+    try:
+        work(sweep)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        for worker in workers:
+            worker.send_signal(signal.SIGINT)
+        for worker in workers:
+            worker.wait()
+        if not args.worker:
+            sweep.client.set_terminated(sweep.parent_run_id, RunStatus.to_string(RunStatus.KILLED))
+        print("dlharness-sweep: interrupted; run the same command to go on", file=sys.stderr)
+        return 128 + signal.SIGINT
+    for worker in workers:
+        worker.wait()
+    if args.worker:
+        return 0
+    print(finish(sweep, args.register))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
