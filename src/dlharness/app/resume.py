@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from dlharness.app.config import TrainConfig, load_config, set_dotted
+from dlharness.app.config import TrainConfig, from_dict, set_dotted, validate
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
@@ -153,7 +153,10 @@ def prepare_resume(
         )
     data = apply_overrides(logged_config(client, run_id), overrides)
     data.setdefault("tracking", {})["tracking_uri"] = tracking_uri
-    config = load_config(None, flatten(data))
+    # Built from the mapping as is: flattening would split tag keys that hold dots
+    # ("sweep.trial") into nested tags.
+    config = from_dict(TrainConfig, data)
+    validate(config)
     if config.trainer.max_epochs <= epoch + 1:
         raise UsageError(
             f"the checkpoint of epoch {epoch} ends a run of {config.trainer.max_epochs} epochs; "

@@ -13,8 +13,11 @@ import io
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,9 +49,10 @@ TAG_PRUNED_AT = "sweep.pruned_at_epoch"
 TAG_RETRY_OF = "sweep.retry_of_trial"
 PARENT_TAG = "mlflow.parentRunId"
 # Seconds between a running trial's heartbeats, and without one before another worker takes
-# the trial over (Optuna checks when a worker starts its next trial).
+# the trial over (--heartbeat, --grace).
 HEARTBEAT_S = 5
 GRACE_S = 20
+TAG_WORKER = "sweep.worker"
 FINISHED_STATES = (
     optuna.trial.TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED,
@@ -102,6 +106,7 @@ class Sweep:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str
+    heartbeat_s: int = HEARTBEAT_S
 
     @property
     def client(self) -> MlflowClient:
@@ -126,13 +131,13 @@ def build_pruner(sweep: SweepConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-def build_storage(url: str) -> optuna.storages.BaseStorage:
+def build_storage(url: str, heartbeat_s: int, grace_s: int) -> optuna.storages.BaseStorage:
     """Optuna's RDB storage with heartbeats; a stale trial is retried once, its run resumed."""
     try:
         return optuna.storages.RDBStorage(
             url,
-            heartbeat_interval=HEARTBEAT_S,
-            grace_period=GRACE_S,
+            heartbeat_interval=heartbeat_s,
+            grace_period=grace_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                 max_retry=1
             ),
@@ -204,29 +209,26 @@ def _set_tags(sweep: Sweep, run_id: str | None, tags: dict[str, str]) -> None:
 
 def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     """The objective: one dlharness run; its best epoch's metric value."""
-    from dlharness.app.resume import prepare_resume
     from dlharness.app.train import train
 
     values = suggest(trial, sweep.config)
     judge = EpochJudge(trial, sweep.config.metric)
-    taken_over = trial.user_attrs.get(RUN_ATTR)
+    worker = {TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}"}
     try:
-        if taken_over is not None:
-            # A retry of a trial whose worker stopped beating: continue its run where its last
-            # checkpoint left it, with the epochs it logged reported again.
-            point = prepare_resume(taken_over, None, {}, sweep.tracking_uri, False)
-            _set_tags(sweep, taken_over, {TAG_RETRY_OF: str(trial.system_attrs["failed_trial"])})
-            for epoch, value in _logged_values(sweep, taken_over).items():
-                trial.report(value, step=epoch)
-                judge.values[epoch] = value
+        point = takeover_point(sweep, trial, judge)
+        if point is not None:
             result = train(point.config, point, fast_package_index=True, callbacks=[judge])
         else:
             cfg = trial_config(sweep, trial, values)
+            cfg.tracking.tags.update(worker)
             result = train(cfg, fast_package_index=True, callbacks=[judge])
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
     except Exception as exc:
-        _set_tags(sweep, judge.run_id or taken_over, {TAG_STATE: "failed"})
+        run_id = judge.run_id or trial.user_attrs.get(RUN_ATTR)
+        _set_tags(sweep, run_id, {TAG_STATE: "failed"})
+        if run_id is not None and sweep.client.get_run(run_id).info.status == "RUNNING":
+            sweep.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         logging.getLogger(__name__).warning(
             "trial %d failed: %s", trial.number, str(exc).splitlines()[0] if str(exc) else exc
         )
@@ -236,9 +238,40 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     if judge.pruned_at is not None:
         _set_tags(sweep, run_id, {TAG_STATE: "pruned", TAG_PRUNED_AT: str(judge.pruned_at)})
         raise optuna.TrialPruned(f"pruned at epoch {judge.pruned_at}")
-    _set_tags(sweep, run_id, {TAG_STATE: "complete"})
+    _set_tags(sweep, run_id, {TAG_STATE: "complete", **worker})
     pick = max if sweep.config.maximize else min
     return pick(judge.values.values())
+
+
+def takeover_point(sweep: Sweep, trial: optuna.Trial, judge: EpochJudge):
+    """Where a retried trial's run goes on: its last logged checkpoint, with the epochs it
+    logged reported again; None for a fresh trial, or a run with nothing to resume (it is
+    ended KILLED and the trial starts over in a new run)."""
+    from dlharness.app.resume import prepare_resume
+
+    run_id = trial.user_attrs.get(RUN_ATTR)
+    if run_id is None:
+        return None
+    frozen = trial.study.get_trials(deepcopy=False)[trial.number]
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    tags = {TAG_RETRY_OF: str(retried), TAG_TRIAL: str(trial.number)}
+    tags[TAG_WORKER] = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        point = prepare_resume(run_id, None, {}, sweep.tracking_uri, False)
+    except UsageError as exc:
+        logging.getLogger(__name__).warning(
+            "trial %d: run %s cannot resume (%s); starting the trial over", trial.number,
+            run_id, exc,
+        )  # fmt: skip
+        _set_tags(sweep, run_id, {TAG_STATE: "failed", **tags})
+        sweep.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+        return None
+    _set_tags(sweep, run_id, tags)
+    for epoch, value in _logged_values(sweep, run_id).items():
+        if epoch <= point.epoch:
+            trial.report(value, step=epoch)
+            judge.values[epoch] = value
+    return point
 
 
 def _logged_values(sweep: Sweep, run_id: str) -> dict[int, float]:
@@ -282,7 +315,10 @@ def log_study_plots(sweep: Sweep) -> None:
     }
     for name, draw in drawers.items():
         try:
-            axes = draw(sweep.study)
+            with warnings.catch_warnings():
+                # Optuna marks its matplotlib plots experimental; the note is not for users.
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(sweep.study)
         except (ValueError, RuntimeError) as exc:  # too few finished trials for this one
             logging.getLogger(__name__).info("sweep: no %s plot: %s", name, exc)
             continue
@@ -345,26 +381,37 @@ def open_parent(sweep_file: SweepConfig, study_name: str, uri: str, experiment_i
     return run_id
 
 
-class StopAtTotal:
-    """Stops this worker's loop once the study holds its total of finished trials."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-
-    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        if finished_count(study) >= self.total:
-            study.stop()
+def trials_in(study: optuna.Study, state: optuna.trial.TrialState) -> int:
+    return len(study.get_trials(deepcopy=False, states=(state,)))
 
 
 def work(sweep: Sweep) -> None:
-    """Run trials until the study holds its total (counting every worker's)."""
-    if finished_count(sweep.study) >= sweep.config.trials:
-        return
-    sweep.study.optimize(
-        lambda trial: run_trial(sweep, trial),
-        callbacks=[StopAtTotal(sweep.config.trials), lambda study, trial: update_parent(sweep)],
-        gc_after_trial=True,
-    )
+    """Run trials, one at a time, until the study holds its total, counting every worker's.
+
+    Before each trial, trials whose worker stopped beating are failed and queued again
+    (Optuna); a queued retry runs before any new trial. While the other workers' running
+    trials would make up the total, this one waits for them to end or go stale.
+    """
+    study, total = sweep.study, sweep.config.trials
+    while True:
+        with warnings.catch_warnings():
+            # Optuna marks it experimental since 2.9; it is what its own optimize loop calls.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        finished = finished_count(study)
+        if finished >= total:
+            return
+        waiting = trials_in(study, optuna.trial.TrialState.WAITING)
+        running = trials_in(study, optuna.trial.TrialState.RUNNING)
+        if not waiting and finished + running >= total:
+            time.sleep(sweep.heartbeat_s)
+            continue
+        study.optimize(
+            lambda trial: run_trial(sweep, trial),
+            n_trials=1,
+            callbacks=[lambda study, trial: update_parent(sweep)],
+            gc_after_trial=True,
+        )
 
 
 def open_sweep(args: argparse.Namespace) -> Sweep:
@@ -374,7 +421,7 @@ def open_sweep(args: argparse.Namespace) -> Sweep:
     check_tracking_uri(uri)
     experiment_id = set_experiment(uri, base.tracking.experiment)
     study_name = args.study or config.path.stem
-    storage = build_storage(args.storage)
+    storage = build_storage(args.storage, args.heartbeat, args.grace)
     study = optuna.create_study(
         study_name=study_name,
         storage=storage,
@@ -389,14 +436,15 @@ def open_sweep(args: argparse.Namespace) -> Sweep:
             f"{study.direction.name.lower()}, the sweep file says {config.goal}"
         )
     parent = open_parent(config, study_name, uri, experiment_id)
-    return Sweep(config, study, uri, experiment_id, parent)
+    return Sweep(config, study, uri, experiment_id, parent, args.heartbeat)
 
 
 def spawn_workers(args: argparse.Namespace, sweep: Sweep, count: int) -> list[subprocess.Popen]:
     command = [
         sys.executable, "-m", "dlharness.app.sweep", "--config", args.config,
         "--study", sweep.study.study_name, "--storage", args.storage,
-        "--tracking-uri", sweep.tracking_uri, "--worker",
+        "--tracking-uri", sweep.tracking_uri, "--heartbeat", str(args.heartbeat),
+        "--grace", str(args.grace), "--worker",
     ]  # fmt: skip
     return [subprocess.Popen(command) for _ in range(count)]
 
@@ -460,6 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="MLflow store (default: the base config's, else $MLFLOW_TRACKING_URI, else "
         "sqlite:///mlflow.db)",
     )
+    parser.add_argument(
+        "--heartbeat", type=int, default=HEARTBEAT_S, metavar="S",
+        help="seconds between a running trial's heartbeats (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grace", type=int, default=GRACE_S, metavar="S",
+        help="seconds without a heartbeat before another worker takes the trial over and "
+        "resumes its run (default: %(default)s)",
+    )  # fmt: skip
     # A process started by --workers: it runs trials and leaves the summary to its starter.
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -473,6 +530,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.workers < 1:
             raise UsageError(f"--workers must be ≥ 1, got {args.workers}")
+        if not 0 < args.heartbeat < args.grace:
+            raise UsageError("--heartbeat must be above 0 and below --grace")
         sweep = open_sweep(args)
     except UsageError as exc:
         print(f"dlharness-sweep: error: {exc}", file=sys.stderr)
