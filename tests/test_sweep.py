@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app import sweep
+from dlharness.app import compare, sweep
 from dlharness.tracking.checkpoints import stored_epochs
 
 from .conftest import PYTHON, cli_env, empty_store
@@ -133,6 +133,16 @@ def test_grid_sweep_runs_its_grid_prunes_the_hopeless_and_registers_the_best(tmp
     version = client.get_model_version_by_alias("digits-sweep", "candidate")
     assert version.run_id == best.info.run_id
     assert f"best trial {best.data.tags['sweep.trial']}" in capsys.readouterr().out
+
+    # dlharness-compare --sweep: a row per trial, best first.
+    capsys.readouterr()
+    assert compare.main(["--sweep", parent.info.run_id, "--tracking-uri", uri]) == 0
+    table = capsys.readouterr().out
+    order = [table.index(f"({r.info.run_id[:8]})") for r in sorted(
+        good, key=lambda r: -r.data.metrics["val/acc"]
+    )]  # fmt: skip
+    assert order == sorted(order)
+    assert "complete" in table and "pruned" in table
 
     # The study is complete: running the command again adds no trial.
     assert sweep.main(argv) == 0

@@ -232,9 +232,12 @@ def confusion_strip(client: MlflowClient, run_id: str, epochs: Sequence[int], pa
         strip.save(path)
 
 
-def summary_rows(curves: Sequence[RunCurves], sort_by: str) -> list[list[str]]:
+def summary_rows(
+    curves: Sequence[RunCurves], sort_by: str, tag_columns: Sequence[tuple[str, str]] = ()
+) -> list[list[str]]:
     header = [
         "run",
+        *(column for column, _ in tag_columns),
         "status",
         *(column for column, _ in SUMMARY_PARAMS),
         "best epoch",
@@ -252,6 +255,7 @@ def summary_rows(curves: Sequence[RunCurves], sort_by: str) -> list[list[str]]:
         duration = (info.end_time - info.start_time) / 1000 if info.end_time else None
         record = [
             run.label,
+            *(data.tags.get(t, "") for _, t in tag_columns),
             info.status,
             *(data.params.get(p, "") for _, p in SUMMARY_PARAMS),
             "" if best is None else str(best),
@@ -369,6 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one row per run, sorted by the first metric (default: off)",
     )
     parser.add_argument(
+        "--sweep",
+        metavar="PARENT_RUN_ID",
+        help="the trials of a dlharness-sweep, one row each, best first by the sweep's metric "
+        "(default: no)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
@@ -418,6 +428,30 @@ def compare_epochs_of_run(
                 csv.writer(fh).writerows(rows)
 
 
+SWEEP_COLUMNS = (("trial", "sweep.trial"), ("state", "sweep.state"))
+
+
+def compare_sweep(args: argparse.Namespace, comparison: Comparison, console: Console) -> None:
+    parent = comparison.get_run(args.sweep)
+    metric = parent.data.params.get("sweep.metric")
+    if metric is None:
+        raise UsageError(f"run {args.sweep} is not the parent run of a dlharness-sweep")
+    trials = comparison.client.search_runs(
+        [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{args.sweep}'"
+    )
+    if not trials:
+        raise UsageError(f"sweep {args.sweep} has no trial runs yet")
+    others = [m.strip() for m in args.metrics.split(",") if m.strip() and m.strip() != metric]
+    curves = comparison.curves(trials, [metric, *others])
+    title = f"sweep {parent.info.run_name}: trials by {metric}, best first"
+    rows = summary_rows(curves, metric, SWEEP_COLUMNS)
+    print_table(console, title, rows)
+    if args.csv:
+        with args.csv.open("w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+        console.print(f"table written to {args.csv}")
+
+
 def compare_runs(args: argparse.Namespace, comparison: Comparison, console: Console) -> None:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     if not metrics:
@@ -452,11 +486,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         uri = existing_store(args.tracking_uri)
         if args.log_to and not args.plot:
             raise UsageError("--log-to needs --plot PATH.png")
-        for run_id in [*args.run_ids, *filter(None, [args.run, args.log_to])]:
+        for run_id in [*args.run_ids, *filter(None, [args.run, args.log_to, args.sweep])]:
             if not _RUN_ID.match(run_id):
                 raise UsageError(f"'{run_id}' is not a run id (32 hex digits)")
         comparison = Comparison(uri)
-        if args.run:
+        if args.sweep:
+            compare_sweep(args, comparison, console)
+        elif args.run:
             compare_epochs_of_run(args, comparison, console)
         else:
             if args.epochs or args.evaluate:
