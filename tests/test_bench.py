@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from .conftest import bench_module
 
 bench = bench_module("tracking_cost")
@@ -67,3 +69,13 @@ def test_benchmark_gpu_options_run_on_the_cpu():
     for variant in ("a_plain_pytorch", "b_bare_lightning", "c_dlharness"):
         assert result[variant]["images_per_s"]["median"] > 0
     assert result["ratio_c_over_b"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_overhead_benchmark_measures_the_gap_between_trials(tmp_path):
+    bench = bench_module("sweep_overhead")
+    report = bench.measure(trials=2, epochs=1, folder=tmp_path)
+    gap = report["overhead_s"]
+    assert len(gap["each"]) == 1
+    assert 0 < gap["median"] < report["sweep_wall_s"]
+    assert report["training_s_per_trial_median"] > 0
