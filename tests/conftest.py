@@ -44,13 +44,14 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 # The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores: resume
-# 175, multinode 91, dvc 69, outage 50, serving 40, server 36, cli 32, ui 26, compare 25, bench
-# 24; the rest under 21). `make test` passes --no-loadscope-reorder, so pytest-xdist hands files
+# 155, sweep 95 with PostgreSQL, multinode 91, dvc 69, outage 50, serving 40, server 36, bench
+# 38, cli 32, ui 26, compare 25; the rest under 21). `make test` passes --no-loadscope-reorder, so pytest-xdist hands files
 # out in this order instead of by test count, which left the long files with few tests to run
 # alone at the end (CI: 441 s against 356 s balanced).
 COSTLIEST_FILES_FIRST = (
-    "test_resume.py", "test_multinode.py", "test_dvc.py", "test_outage.py", "test_serving.py",
-    "test_server.py", "test_cli.py", "test_ui.py", "test_compare.py", "test_bench.py",
+    "test_resume.py", "test_sweep.py", "test_multinode.py", "test_dvc.py", "test_outage.py",
+    "test_serving.py", "test_bench.py", "test_server.py", "test_cli.py", "test_ui.py",
+    "test_compare.py",
 )  # fmt: skip
 
 

@@ -217,7 +217,12 @@ def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment)
 
 
 def assert_same_after_a_stop(
-    client: MlflowClient, run_id: str, reference: str, tmp_path: Path, stopped_in: int
+    client: MlflowClient,
+    run_id: str,
+    reference: str,
+    tmp_path: Path,
+    stopped_in: int,
+    epochs: int = EPOCHS,
 ) -> None:
     """Same weights, same validation metrics; the train/* values of the epoch stopped in the
     middle average the batches after the resume only (Lightning does not checkpoint them)."""
@@ -226,7 +231,7 @@ def assert_same_after_a_stop(
         for (step, a), (_, b) in zip(ours[key], theirs[key], strict=True):
             partial = key in ("train/loss", "train/acc") and step == stopped_in
             assert partial or abs(a - b) <= 1e-6, (key, step, a, b)
-    last = EPOCHS - 1
+    last = epochs - 1
     mine = torch.load(fetch_checkpoint(client, run_id, last, tmp_path / "a"), weights_only=True)
     ref = torch.load(fetch_checkpoint(client, reference, last, tmp_path / "b"), weights_only=True)
     for name, tensor in ref["state_dict"].items():
@@ -355,16 +360,19 @@ def test_augmented_run_stopped_mid_epoch_resumes_to_the_uninterrupted_one(
     """Random crops and flips come from the sampler's generator: a resume redraws them."""
     _, uri, config, _ = lab
     client = MlflowClient(uri)
-    augmented = {"tracking.tracking_uri": uri, "data.augment": "crop_flip"}
+    # Three epochs, not the lab's six: the augmented loader is the slowest here (≈3 s an epoch).
+    augmented = {
+        "tracking.tracking_uri": uri, "data.augment": "crop_flip", "trainer.max_epochs": 3
+    }  # fmt: skip
     reference = train(load_config(config, {**augmented, "tracking.run_name": "aug-ref"})).run_id
-    signal_at(monkeypatch, "training_step", 2, 9, signal.SIGINT)
+    signal_at(monkeypatch, "training_step", 1, 9, signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stopped:
         train(load_config(config, {**augmented, "tracking.run_name": "aug-stopped"}))
     monkeypatch.undo()
     run_id = stopped.value.run_id
     train(*resume_args(uri, run_id))
-    assert_one_value_per_epoch(client, run_id)
-    assert_same_after_a_stop(client, run_id, reference, tmp_path, stopped_in=2)
+    assert_one_value_per_epoch(client, run_id, epochs=3)
+    assert_same_after_a_stop(client, run_id, reference, tmp_path, stopped_in=1, epochs=3)
     assert client.get_run(run_id).data.params["augment"] == "crop_flip"
 
 
