@@ -11,6 +11,7 @@ from dlharness.app.config import (
     load_config,
     parse_devices,
 )
+from dlharness.app.sweep_config import load_sweep
 from dlharness.data import DATAMODULES
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
@@ -22,10 +23,25 @@ def test_default_yaml_equals_builtin_defaults():
     assert load_config(CONFIGS / "default.yaml") == TrainConfig()
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+SWEEP_FILES = {"sweep.yaml"}
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in CONFIGS.glob("*.yaml") if p.name not in SWEEP_FILES),
+    ids=lambda p: p.name,
+)
 def test_every_shipped_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.dataset in DATASETS
+
+
+def test_the_shipped_sweep_file_loads(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # its base path is written from the repository root
+    sweep = load_sweep(CONFIGS / "sweep.yaml")
+    assert sweep.base == Path("configs/default.yaml")
+    assert set(sweep.distributions) == {"optim.lr"}
+    assert sweep.fixed == {"trainer.max_epochs": 10}
 
 
 def test_every_dataset_choice_has_a_datamodule():

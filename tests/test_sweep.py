@@ -14,6 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from dlharness.app import compare, sweep
+from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.checkpoints import stored_epochs
 
 from .conftest import PYTHON, cli_env, empty_store
@@ -248,3 +249,47 @@ def test_two_workers_share_a_study_in_postgresql(tmp_path):
     study = optuna.load_study(study_name="sweep", storage=storage)
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert f"parent run {parent.info.run_id}" in done.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_sweep_and_the_same_command_resumes_the_stopped_trial(
+    tmp_path, monkeypatch, capsys
+):
+    uri = empty_store(tmp_path)
+    path = write_sweep(
+        tmp_path,
+        method="random",
+        trials=2,
+        parameters={
+            "optim.lr": {"distribution": "log_uniform", "min": 0.001, "max": 0.01},
+            "trainer.max_epochs": 3,
+        },
+    )
+    argv = ["--config", str(path), "--storage", f"sqlite:///{tmp_path / 'study.db'}"]
+    argv += ["--tracking-uri", uri]
+    original = ClassifierModule.training_step
+
+    def ctrl_c_in_epoch_1(module, batch, index):
+        if (module.trainer.current_epoch, index) == (1, 3):
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(module, batch, index)
+
+    monkeypatch.setattr(ClassifierModule, "training_step", ctrl_c_in_epoch_1)
+    assert sweep.main(argv) == 130
+    monkeypatch.undo()
+    assert "run the same command to go on" in capsys.readouterr().err
+    client = MlflowClient(uri)
+    parent = the_parent(client)
+    assert parent.info.status == "KILLED"
+    (stopped,) = trial_runs(client, parent.info.run_id)
+    assert stopped.info.status == "KILLED"
+
+    assert sweep.main(argv) == 0
+    assert the_parent(client).info.status == "FINISHED"
+    runs = trial_runs(client, parent.info.run_id)
+    assert len(runs) == 2
+    resumed = client.get_run(stopped.info.run_id)
+    assert resumed.info.status == "FINISHED"
+    assert resumed.data.tags["sweep.retry_of_trial"] == "0"
+    assert resumed.data.tags["dlharness.resumed_from_epoch"] == "1"
+    assert [m.step for m in client.get_metric_history(stopped.info.run_id, "val/acc")] == [0, 1, 2]

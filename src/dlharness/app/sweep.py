@@ -107,6 +107,8 @@ class Sweep:
     experiment_id: str
     parent_run_id: str
     heartbeat_s: int = HEARTBEAT_S
+    # The trial this worker is running, if any: an interruption queues it again.
+    current_trial: int | None = None
 
     @property
     def client(self) -> MlflowClient:
@@ -211,6 +213,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     """The objective: one dlharness run; its best epoch's metric value."""
     from dlharness.app.train import train
 
+    sweep.current_trial = trial.number
     values = suggest(trial, sweep.config)
     judge = EpochJudge(trial, sweep.config.metric)
     worker = {TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}"}
@@ -479,6 +482,16 @@ def finish(sweep: Sweep, register: str | None) -> str:
     return summary
 
 
+def requeue_interrupted(sweep: Sweep) -> None:
+    """The trial Ctrl-C stopped (Optuna failed it) queued again, as a stale one is: the next
+    start resumes its run, stored at the interruption, and it does not count towards the total."""
+    if sweep.current_trial is None:
+        return
+    frozen = sweep.study.get_trials(deepcopy=False)[sweep.current_trial]
+    if frozen.state == optuna.trial.TrialState.FAIL:
+        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1)(sweep.study, frozen)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="dlharness-sweep",
@@ -540,6 +553,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         work(sweep)
     except (TrainingInterrupted, KeyboardInterrupt):
+        requeue_interrupted(sweep)
         for worker in workers:
             worker.send_signal(signal.SIGINT)
         for worker in workers:
