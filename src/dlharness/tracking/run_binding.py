@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import lightning as L
 import mlflow
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -18,6 +17,10 @@ from mlflow.tracking.context.registry import resolve_tags
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.redaction import redact
 from dlharness.tracking.run_names import fresh_run_name
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.loggers import MLFlowLogger
 
 DEFAULT_EXPERIMENT = "dlharness"
 # Where a run came from; the tracking ends only the runs it started or reopened.
@@ -37,6 +40,8 @@ class BoundRun:
 
 
 def mlflow_logger(trainer: L.Trainer) -> MLFlowLogger | None:
+    from lightning.pytorch.loggers import MLFlowLogger
+
     return next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
 
 
@@ -100,9 +105,15 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
 
 def status_after(exception: BaseException | None) -> str:
     """FINISHED after a clean fit, KILLED after Ctrl-C or a stop signal, FAILED otherwise."""
+    # Lightning's SIGTERMException exists only where Lightning is loaded: not imported here, so
+    # that the CLIs which only read runs (compare, serve, predict) start without it (≈5 s).
+    lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
+    stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, TrainingInterrupted)
+    if lightning_exceptions is not None:
+        stops += (lightning_exceptions.SIGTERMException,)
     if exception is None:
         status = RunStatus.FINISHED
-    elif isinstance(exception, (KeyboardInterrupt, SIGTERMException, TrainingInterrupted)):
+    elif isinstance(exception, stops):
         status = RunStatus.KILLED
     else:
         status = RunStatus.FAILED
