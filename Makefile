@@ -17,8 +17,13 @@ unexport PYTHONDONTWRITEBYTECODE
 # Reinstall only when the dependency list changes.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# --no-compile: byte-compiling all of torch costs about a minute; imports cache what they use.
-	$(BIN)/python -m pip install --quiet --no-compile -e '.[dev]'
+	# torch and torchvision through pip, whose configuration serves them from local disk on
+	# the dev and CI machines; --no-compile: byte-compiling all of torch costs about a minute,
+	# and imports cache what they use. The other ≈250 packages through uv, which resolves and
+	# downloads in parallel (measured on a clean clone, 2026-12-01: 53 s in all against 95 s
+	# with pip alone) and keeps the torch installed here.
+	$(BIN)/python -m pip install --quiet --no-compile 'torch>=2.6' 'torchvision>=0.21' 'uv>=0.5'
+	$(BIN)/uv pip install --python $(BIN)/python --quiet -e '.[dev]'
 	touch $(STAMP)
 
 train: venv
