@@ -206,8 +206,8 @@ def resume_hint(exc: TrainingInterrupted) -> str:
     return f"Run {exc.run_id} ended KILLED with its state stored; resume: {shlex.join(command)}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def plain_training_output() -> None:
+    """What the commands that train print, set up once per process."""
     # Lightning's and MLflow's progress notes as plain lines (MLflow's autolog module would
     # otherwise install a root handler that prefixes them with INFO:logger.name:).
     logging.basicConfig(format="%(message)s")
@@ -215,6 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # of a checkpoint, which MLflow would draw a progress bar for.
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    plain_training_output()
     try:
         if args.resume is None:
             if args.resume_epoch is not None or args.fork:

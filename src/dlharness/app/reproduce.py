@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +22,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dlharness.app.cli import plain_training_output
 from dlharness.app.config import TrainConfig, from_dict, set_dotted, validate
 from dlharness.app.data_version import (
     TAG_GIT_COMMIT,
@@ -210,9 +209,7 @@ def reproduce(
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    plain_training_output()
     try:
         uri = existing_store(args.tracking_uri)
         directory = Path(args.dir).resolve() if args.dir else None

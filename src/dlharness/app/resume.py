@@ -134,6 +134,8 @@ def prepare_resume(
     overrides: Mapping[str, Any],
     tracking_uri: str,
     fork: bool = False,
+    *,
+    trained_ok: bool = False,
 ) -> ResumePoint:
     run_id, epoch = parse_target(target, epoch)
     client = MlflowClient(tracking_uri)
@@ -157,7 +159,9 @@ def prepare_resume(
     # ("sweep.trial") into nested tags.
     config = from_dict(TrainConfig, data)
     validate(config)
-    if config.trainer.max_epochs <= epoch + 1:
+    # `trained_ok`: a run whose process died after its last epoch, before its evaluation and
+    # models (a sweep's taken-over trial): the fit restores and ends at once, the rest follows.
+    if config.trainer.max_epochs <= epoch + 1 and not trained_ok:
         raise UsageError(
             f"the checkpoint of epoch {epoch} ends a run of {config.trainer.max_epochs} epochs; "
             f"pass --max-epochs above {epoch + 1} to train longer"

@@ -28,6 +28,7 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
+from dlharness.app.cli import plain_training_output
 from dlharness.app.config import TrainConfig, load_config
 from dlharness.app.model_logging import register_candidate
 from dlharness.app.run_lifecycle import check_tracking_uri, set_experiment
@@ -36,6 +37,7 @@ from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.redaction import redact_uri
+from dlharness.tracking.run_context import set_run_tags
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
 # Study user attributes: the parent run, and its store.
@@ -203,10 +205,12 @@ def trial_config(sweep: Sweep, trial: optuna.Trial, values: dict[str, Any]) -> T
 
 
 def _set_tags(sweep: Sweep, run_id: str | None, tags: dict[str, str]) -> None:
-    if run_id is None:
-        return
-    for key, value in tags.items():
-        sweep.client.set_tag(run_id, key, value)
+    if run_id is not None:
+        set_run_tags(run_id, tags, sweep.client)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
@@ -216,7 +220,7 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     sweep.current_trial = trial.number
     values = suggest(trial, sweep.config)
     judge = EpochJudge(trial, sweep.config.metric)
-    worker = {TAG_WORKER: f"{socket.gethostname()}:{os.getpid()}"}
+    worker = {TAG_WORKER: worker_name()}
     try:
         point = takeover_point(sweep, trial, judge)
         if point is not None:
@@ -258,9 +262,9 @@ def takeover_point(sweep: Sweep, trial: optuna.Trial, judge: EpochJudge):
     frozen = trial.study.get_trials(deepcopy=False)[trial.number]
     retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     tags = {TAG_RETRY_OF: str(retried), TAG_TRIAL: str(trial.number)}
-    tags[TAG_WORKER] = f"{socket.gethostname()}:{os.getpid()}"
+    tags[TAG_WORKER] = worker_name()
     try:
-        point = prepare_resume(run_id, None, {}, sweep.tracking_uri, False)
+        point = prepare_resume(run_id, None, {}, sweep.tracking_uri, False, trained_ok=True)
     except UsageError as exc:
         logging.getLogger(__name__).warning(
             "trial %d: run %s cannot resume (%s); starting the trial over", trial.number,
@@ -299,8 +303,7 @@ def update_parent(sweep: Sweep) -> None:
         "best.run_id": best.user_attrs.get(RUN_ATTR, ""),
         **{f"best.param.{key}": str(value) for key, value in best.params.items()},
     }
-    for key, value in tags.items():
-        client.set_tag(parent, key, value)
+    set_run_tags(parent, tags, client)
 
 
 def log_study_plots(sweep: Sweep) -> None:
@@ -537,9 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(message)s")
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    plain_training_output()
     try:
         if args.workers < 1:
             raise UsageError(f"--workers must be ≥ 1, got {args.workers}")
