@@ -220,8 +220,9 @@ def test_two_workers_share_one_study_and_take_over_a_killed_workers_trial(tmp_pa
 
 
 @pytest.mark.slow
-def test_a_study_in_postgresql_storage(tmp_path, capsys):
-    """The storage several machines share; the two-worker mechanics are the SQLite test's."""
+def test_two_workers_share_a_study_in_postgresql(tmp_path):
+    """The storage several machines share, with two worker processes (small: the crash
+    takeover is the SQLite test's)."""
     from .test_server import fresh_postgres_database
 
     storage = fresh_postgres_database()
@@ -229,22 +230,28 @@ def test_a_study_in_postgresql_storage(tmp_path, capsys):
     path = write_sweep(
         tmp_path,
         method="random",
-        trials=2,
+        trials=3,
         parameters={
             "optim.lr": {"distribution": "log_uniform", "min": 0.001, "max": 0.01},
             "trainer.max_epochs": 1,
         },
     )
-    argv = ["--config", str(path), "--storage", storage, "--tracking-uri", uri]
-    assert sweep.main(argv) == 0
+    command = [
+        PYTHON, "-m", "dlharness.app.sweep", "--config", str(path), "--storage", storage,
+        "--tracking-uri", uri, "--workers", "2",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(uri)
     parent = the_parent(client)
     runs = trial_runs(client, parent.info.run_id)
-    assert sorted(int(r.data.tags["sweep.trial"]) for r in runs) == [0, 1]
+    assert sorted(int(r.data.tags["sweep.trial"]) for r in runs) == [0, 1, 2]
     study = optuna.load_study(study_name="sweep", storage=storage)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 2
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     assert {t.user_attrs["mlflow_run_id"] for t in study.trials} == {r.info.run_id for r in runs}
-    assert f"parent run {parent.info.run_id}" in capsys.readouterr().out
+    assert f"parent run {parent.info.run_id}" in done.stdout
 
 
 @pytest.mark.slow
