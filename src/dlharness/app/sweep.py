@@ -183,13 +183,6 @@ def suggest(trial: optuna.Trial, sweep: SweepConfig) -> dict[str, Any]:
 
 
 def trial_config(sweep: Sweep, trial: optuna.Trial, values: dict[str, Any]) -> TrainConfig:
-    base = load_config(sweep.config.base)
-    tags = {
-        **base.tracking.tags,
-        PARENT_TAG: sweep.parent_run_id,
-        TAG_STUDY: sweep.study.study_name,
-        TAG_TRIAL: str(trial.number),
-    }
     overrides = {
         **sweep.config.fixed,
         **values,
@@ -197,11 +190,19 @@ def trial_config(sweep: Sweep, trial: optuna.Trial, values: dict[str, Any]) -> T
         "tracker.mode": "max" if sweep.config.maximize else "min",
         "tracking.tracking_uri": sweep.tracking_uri,
         "tracking.run_name": f"{sweep.study.study_name}-trial-{trial.number}",
-        "tracking.tags": tags,
         # The sweep registers its best trial's model at the end (--register), not each trial's.
         "tracking.register_model": None,
     }
-    return load_config(sweep.config.base, overrides)
+    cfg = load_config(sweep.config.base, overrides)
+    # Beside the base config's own tags, not instead of them.
+    cfg.tracking.tags.update(
+        {
+            PARENT_TAG: sweep.parent_run_id,
+            TAG_STUDY: sweep.study.study_name,
+            TAG_TRIAL: str(trial.number),
+        }
+    )
+    return cfg
 
 
 def _set_tags(sweep: Sweep, run_id: str | None, tags: dict[str, str]) -> None:
@@ -220,14 +221,13 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     sweep.current_trial = trial.number
     values = suggest(trial, sweep.config)
     judge = EpochJudge(trial, sweep.config.metric)
-    worker = {TAG_WORKER: worker_name()}
     try:
         point = takeover_point(sweep, trial, judge)
         if point is not None:
             result = train(point.config, point, fast_package_index=True, callbacks=[judge])
         else:
             cfg = trial_config(sweep, trial, values)
-            cfg.tracking.tags.update(worker)
+            cfg.tracking.tags[TAG_WORKER] = worker_name()
             result = train(cfg, fast_package_index=True, callbacks=[judge])
     except (TrainingInterrupted, KeyboardInterrupt):
         raise
@@ -245,7 +245,8 @@ def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     if judge.pruned_at is not None:
         _set_tags(sweep, run_id, {TAG_STATE: "pruned", TAG_PRUNED_AT: str(judge.pruned_at)})
         raise optuna.TrialPruned(f"pruned at epoch {judge.pruned_at}")
-    _set_tags(sweep, run_id, {TAG_STATE: "complete", **worker})
+    # The worker that finished it: a taken-over run's logged config still names the dead one.
+    _set_tags(sweep, run_id, {TAG_STATE: "complete", TAG_WORKER: worker_name()})
     pick = max if sweep.config.maximize else min
     return pick(judge.values.values())
 
