@@ -13,6 +13,7 @@ from urllib.parse import urlparse
 
 import lightning as L
 import mlflow
+import psutil
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,8 +159,9 @@ def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lack
     path = checkpoint_path(run.info.run_id, tracking_uri=uri, dst=tmp_path / "ckpt")
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == 1 and set(state["state_dict"]) == set(BoringModel().state_dict())
-    # It owned its thread, its files and nothing else.
+    # It owned its thread, its picture helper process, its files and nothing else.
     assert dlharness_threads() == []
+    assert psutil.Process().children() == []
     assert scratch_dirs() <= scratch_before
     assert own_environment() == env_before
     assert type(trainer.strategy.checkpoint_io).__name__ == "TorchCheckpointIO"

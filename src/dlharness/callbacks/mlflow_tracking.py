@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -37,10 +38,11 @@ from dlharness.tracking.checkpoints import (
     stored_epochs,
 )
 from dlharness.tracking.confusion import ValidationConfusion, predictions_and_targets
-from dlharness.tracking.epoch_history import History, LoggedSteps, log_curves
-from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
+from dlharness.tracking.epoch_history import History, LoggedSteps, log_curve_files
+from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.params import as_param_values, log_params_once
+from dlharness.tracking.picture_process import PictureProcess
 from dlharness.tracking.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.run_binding import (
     ACTIVE,
@@ -63,6 +65,8 @@ DEFAULT_SPOOL_DIR = "mlflow-spool"
 # every epoch's values anyway, and on 0.5 s epochs redrawing each time is a fifth of what
 # tracking costs.
 CURVES_EVERY_S = 5.0
+# The key of `job_seconds` for the CPU seconds of the process that draws the pictures.
+PICTURE_HELPER = "picture helper process"
 
 
 def _on_training_thread(hook: Callable[..., None]) -> Callable[..., None]:
@@ -137,6 +141,9 @@ class MlflowTracking(Checkpoint):
         fast_images: Write the confusion-matrix pictures in ``log_image``'s file layout with
             the fastest PNG and WebP settings instead of calling ``log_image`` (≈8 ms instead
             of ≈20 ms a picture); relies on MLflow's file naming, which a test checks.
+        draw_in_subprocess: Draw and encode the pictures in a helper process at the lowest
+            priority, which shares no interpreter lock with training (it imports PIL and numpy
+            only); False draws them on the tracking thread.
         spool_dir: Where writes wait while the tracking server does not answer, a folder per run.
         source_dir: A folder inside the source checkout whose git state is recorded; default:
             the entry script's folder, else the working directory.
@@ -160,6 +167,7 @@ class MlflowTracking(Checkpoint):
         system_metrics: bool | None = None,
         checkpoint_on_signal: bool = False,
         fast_images: bool = False,
+        draw_in_subprocess: bool = True,
         spool_dir: str = DEFAULT_SPOOL_DIR,
         source_dir: str | None = None,
     ) -> None:
@@ -194,6 +202,7 @@ class MlflowTracking(Checkpoint):
         self.system_metrics = system_metrics
         self.checkpoint_on_signal = checkpoint_on_signal
         self.fast_images = fast_images
+        self.draw_in_subprocess = draw_in_subprocess
         self.spool_dir = spool_dir
         self.source_dir = source_dir
 
@@ -208,6 +217,7 @@ class MlflowTracking(Checkpoint):
         self.run: BoundRun | None = None
         self.client: SpoolingClient | None = None
         self._worker: TrackingWorker | None = None
+        self._pictures: PictureProcess | None = None
         self._scratch: Path | None = None
         self._system_monitor: SystemMetricsMonitor | None = None
         self._stop: StopSignals | None = None
@@ -295,6 +305,7 @@ class MlflowTracking(Checkpoint):
         run_id, uri = self.run.run_id, self.run.tracking_uri
         self.client = SpoolingClient(uri, self.spool_dir, run_id)
         self._worker = TrackingWorker()
+        self._pictures = PictureProcess(in_subprocess=self.draw_in_subprocess)
         self._scratch = Path(tempfile.mkdtemp(prefix="dlharness-checkpoints-"))
         # Checkpoint files of ours are written on the worker; every other save goes through
         # the strategy's own CheckpointIO as before.
@@ -343,6 +354,8 @@ class MlflowTracking(Checkpoint):
                 # Everything queued is stored before the run ends: the last checkpoint too.
                 self._worker.close()
                 self.job_seconds = dict(self._worker.seconds)
+                if self._pictures is not None and self._pictures.helper_seconds:
+                    self.job_seconds[PICTURE_HELPER] = self._pictures.helper_seconds
                 if exception is None:
                     # The last uploads ran after training: they may have met a full disk too.
                     exception = late_failure = self._worker.storage_error
@@ -362,6 +375,9 @@ class MlflowTracking(Checkpoint):
         if self._stop is not None:
             self._stop.__exit__(None, None, None)
             self._stop = None
+        if self._pictures is not None:
+            self._pictures.close()
+            self._pictures = None
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
@@ -581,17 +597,22 @@ class MlflowTracking(Checkpoint):
         self._check_monitor(trainer, metrics)
         values = self._epoch_values(metrics)
         self.history[epoch] = values
-        if self.logging:
-            self._log_epoch(trainer, epoch, values)
-        self._epoch_confusion = None
-        self._validated_this_epoch = False
-
         last = epoch + 1 >= _max_epochs(trainer) or trainer.should_stop
         stopping = self._stop is not None and self._stop.requested is not None
-        if (epoch + 1) % self.every_n_epochs and not last and not stopping:
-            return
-        self._update_best(epoch, metrics)
-        self._save(trainer, epoch, {**values, "complete": True})
+        checkpointing = not (epoch + 1) % self.every_n_epochs or last or stopping
+        if checkpointing:
+            # The epoch's values go with its checkpoint's tags, in one database write.
+            self._update_best(epoch, metrics)
+            self._save(trainer, epoch, {**values, "complete": True}, values)
+        elif self.logging and self._logs_metrics and values:
+            self.submit("epoch metrics", self._logged.send, self.client, self.run.run_id,
+                        epoch, values)  # fmt: skip
+        if self.logging and self.plots:
+            # Queued after the checkpoint: the next epoch's wait for this upload never waits
+            # for pictures as well.
+            self._log_pictures(trainer, epoch)
+        self._epoch_confusion = None
+        self._validated_this_epoch = False
         if stopping:
             self._stop_now(f" after epoch {epoch}")
 
@@ -621,29 +642,33 @@ class MlflowTracking(Checkpoint):
                 f"of epoch {trainer.current_epoch}; pass one of: {logged}"
             )
 
-    def _log_epoch(self, trainer: L.Trainer, epoch: int, values: dict[str, float]) -> None:
-        run_id = self.run.run_id
-        if self._logs_metrics and values:
-            self.submit("epoch metrics", self._logged.send, self.client, run_id, epoch, values)
-        if not self.plots:
-            return
+    def _log_pictures(self, trainer: L.Trainer, epoch: int) -> None:
         now = time.monotonic()
         final = epoch + 1 >= _max_epochs(trainer) or trainer.should_stop
         if final or now - self._curves_drawn_at >= CURVES_EVERY_S:
             self._curves_drawn_at = now
             snapshot = {e: dict(v) for e, v in self.history.items()}
-            self.submit("epoch plots", log_curves, self.client, run_id, snapshot)
+            self.submit("epoch plots", self._log_curves, snapshot)
         if self._epoch_confusion is not None:
             self.submit("confusion matrix image", self._log_confusion, epoch, self._epoch_confusion)
 
+    def _log_curves(self, history: History) -> None:
+        with tempfile.TemporaryDirectory(prefix="dlharness-plots-") as scratch:
+            self._pictures.draw("curves", history, Path(scratch))
+            log_curve_files(self.client, self.run.run_id, Path(scratch))
+
     def _log_confusion(self, epoch: int, matrix: np.ndarray) -> None:
         names = self.class_names or tuple(str(i) for i in range(len(matrix)))
-        image = charts.confusion_chart(matrix, names, f"Validation confusion matrix, epoch {epoch}")
+        title = f"Validation confusion matrix, epoch {epoch}"
         run_id = self.run.run_id
         if not self.fast_images:
+            image = charts.confusion_chart(matrix, names, title)
             self.client.log_image(run_id, image, key=CONFUSION_KEY, step=epoch)
             return
-        log_step_image(self.client, run_id, image, CONFUSION_KEY, epoch)
+        with tempfile.TemporaryDirectory(prefix="dlharness-image-") as scratch:
+            png, webp = step_image_paths(Path(scratch), CONFUSION_KEY, epoch)
+            self._pictures.draw("confusion", matrix, names, title, png, webp)
+            log_step_image_files(self.client, run_id, png, webp)
         if not self._images_tagged:
             self.client.set_tag(run_id, LOGGED_IMAGES_TAG, "True")
             self._images_tagged = True
@@ -668,8 +693,15 @@ class MlflowTracking(Checkpoint):
         kept = set(self.stored_epochs[-self.keep_last :]) | {self.best_epoch}
         return [epoch for epoch in self.stored_epochs if epoch not in kept]
 
-    def _save(self, trainer: L.Trainer, epoch: int, record: dict[str, Any]) -> None:
-        """Take the checkpoint of `epoch` (every rank takes part) and queue its upload."""
+    def _save(
+        self,
+        trainer: L.Trainer,
+        epoch: int,
+        record: dict[str, Any],
+        values: dict[str, float] | None = None,
+    ) -> None:
+        """Take the checkpoint of `epoch` (every rank takes part) and queue its upload, with
+        the epoch's metric `values` when given."""
         if epoch not in self.stored_epochs:  # a resumed, once interrupted epoch is stored again
             self.stored_epochs.append(epoch)
         doomed = self._beyond_retention()
@@ -690,15 +722,34 @@ class MlflowTracking(Checkpoint):
         if self._upload is not None:
             self._upload.result()
         record = {**record, "epoch": epoch, "global_step": trainer.global_step}
+        if not self._logs_metrics:
+            values = None
+        best = self.best_epoch
         self._upload = self.submit(
-            "checkpoint upload", self._store, epoch, partial, record, self.best_epoch, doomed
+            "checkpoint upload", self._store, epoch, partial, record, best, doomed, values
         )
 
     def _store(
-        self, epoch: int, partial: Path, record: dict[str, Any], best: int | None, doomed: list[int]
+        self,
+        epoch: int,
+        partial: Path,
+        record: dict[str, Any],
+        best: int | None,
+        doomed: list[int],
+        values: dict[str, float] | None,
     ) -> None:
         run_id = self.run.run_id
-        store_checkpoint(self.client, run_id, epoch, partial, record, best)
+        metrics = self._logged.unsent(epoch, values) if values else []
+        try:
+            store_checkpoint(self.client, run_id, epoch, partial, record, best, metrics)
+        except Exception:
+            # The epoch's values are kept even when its checkpoint is not; the checkpoint's
+            # failure is the one reported.
+            if metrics:
+                with contextlib.suppress(Exception):
+                    self._logged.send(self.client, run_id, epoch, values)
+            raise
+        self._logged.mark_sent(metrics)
         shutil.rmtree(partial.parent, ignore_errors=True)
         for old in doomed:
             delete_checkpoint(self.client, run_id, old)

@@ -23,6 +23,8 @@ PALETTE = (
 # Width and height of a curve chart, and its margins (left, top, right, bottom), in pixels.
 SIZE = (640, 400)
 MARGINS = (70, 40, 20, 50)
+# A confusion chart's room for the row labels (left) and the title (top), in pixels.
+CONFUSION_LABEL_W, CONFUSION_TOP = 90, 50
 
 
 @functools.cache
@@ -165,10 +167,50 @@ def metric_chart(history: History) -> Image.Image:
     return curve_chart(history, keys[: len(PALETTE)], "Validation metrics by epoch")
 
 
-def _blue(fraction: float) -> tuple[int, int, int]:
-    """White (0) to matplotlib's darkest "Blues" (1)."""
-    dark = np.array([8, 48, 107])
-    return tuple(int(c) for c in np.round(255 + (dark - 255) * fraction))
+# matplotlib's darkest "Blues": a count at the matrix's peak; zero is white.
+DARK_BLUE = np.array([8, 48, 107])
+
+
+def _blues(fractions: np.ndarray) -> np.ndarray:
+    """White (0) to `DARK_BLUE` (1), as uint8 RGB, for an array of fractions."""
+    return np.round(255 + (DARK_BLUE - 255) * fractions[..., None]).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4)
+def _confusion_frame(class_names: tuple[str, ...], cell: int) -> Image.Image:
+    """Everything of a confusion chart but its title and cells: drawn once per run."""
+    n = len(class_names)
+    width, height = CONFUSION_LABEL_W + cell * n + 20, CONFUSION_TOP + cell * n + 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    small, top, left = _font(max(8, min(12, cell // 3))), CONFUSION_TOP, CONFUSION_LABEL_W
+    for i, name in enumerate(class_names):
+        label = name[:12]
+        draw.text(
+            (left - 6, top + i * cell + cell / 2), label, fill="black", font=small, anchor="rm"
+        )
+        draw.text(
+            (left + i * cell + cell / 2, top + n * cell + 4),
+            label[:4],
+            fill="black",
+            font=small,
+            anchor="mt",
+        )
+    draw.text(
+        (left + n * cell / 2, height - 10), "predicted", fill="black", font=small, anchor="mb"
+    )
+    draw.text((8, top - 14), "true", fill="black", font=small, anchor="lm")
+    return image
+
+
+@functools.lru_cache(maxsize=512)
+def _count_mask(text: str, size: int) -> Image.Image:
+    # A count's glyphs, rendered once: most cells of a confusion matrix repeat a few numbers.
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).text(
+        (size / 2, size / 2), text, fill=255, font=_font(max(8, min(12, size // 3))), anchor="mm"
+    )
+    return mask
 
 
 def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], title: str) -> Image.Image:
@@ -176,37 +218,19 @@ def confusion_chart(matrix: np.ndarray, class_names: Sequence[str], title: str) 
     n = len(class_names)
     # 280 px of cells at most: 28 px for 10 classes, a picture encoded twice per epoch.
     cell = int(np.clip(280 // max(n, 1), 14, 48))
-    label_w, top = 90, 50
-    width, height = label_w + cell * n + 20, top + cell * n + 60
-    image = Image.new("RGB", (width, height), "white")
+    image = _confusion_frame(tuple(class_names), cell).copy()
     draw = ImageDraw.Draw(image)
-    small, normal = _font(max(8, min(12, cell // 3))), _font(15)
-    draw.text((width / 2, 12), title, fill="black", font=normal, anchor="mt")
-    peak = max(int(matrix.max()), 1)
-    for (row, col), count in np.ndenumerate(matrix):
-        x, y = label_w + col * cell, top + row * cell
-        fraction = count / peak
-        draw.rectangle([x, y, x + cell, y + cell], fill=_blue(fraction), outline="#ffffff")
-        color = "white" if fraction > 0.5 else "black"
-        draw.text(
-            (x + cell / 2, y + cell / 2), str(int(count)), fill=color, font=small, anchor="mm"
-        )
-    for i, name in enumerate(class_names):
-        label = name[:12]
-        draw.text(
-            (label_w - 6, top + i * cell + cell / 2), label, fill="black", font=small, anchor="rm"
-        )
-        draw.text(
-            (label_w + i * cell + cell / 2, top + n * cell + 4),
-            label[:4],
-            fill="black",
-            font=small,
-            anchor="mt",
-        )
-    draw.text(
-        (label_w + n * cell / 2, height - 10), "predicted", fill="black", font=small, anchor="mb"
-    )
-    draw.text((8, top - 14), "true", fill="black", font=small, anchor="lm")
+    draw.text((image.width / 2, 12), title, fill="black", font=_font(15), anchor="mt")
+    counts = np.asarray(matrix).astype(np.int64)
+    fractions = counts / max(int(counts.max()), 1)
+    # The cells as one array: each `cell` px square, a 1 px white line at its top and left.
+    cells = np.repeat(np.repeat(_blues(fractions), cell, axis=0), cell, axis=1)
+    cells[::cell, :], cells[:, ::cell] = 255, 255
+    image.paste(Image.fromarray(cells), (CONFUSION_LABEL_W, CONFUSION_TOP))
+    for (row, col), count in np.ndenumerate(counts):
+        x, y = CONFUSION_LABEL_W + col * cell, CONFUSION_TOP + row * cell
+        color = "white" if fractions[row, col] > 0.5 else "black"
+        image.paste(color, (x, y), _count_mask(str(int(count)), cell))
     return image
 
 

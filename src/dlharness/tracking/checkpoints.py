@@ -8,14 +8,16 @@ import hashlib
 import json
 import os
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dlharness.tracking.epoch_history import metric_batches
 from dlharness.tracking.installed_packages import cache_dir
 
 CHECKPOINT_DIR = "checkpoints"
@@ -51,10 +53,12 @@ def store_checkpoint(
     partial: Path,
     record: dict[str, Any],
     best: int | None,
+    metrics: Sequence[Metric] = (),
 ) -> None:
     """Move the written `partial` file into place, then upload it and its record (the record
     last: a checkpoint without one is incomplete and never resumed from), then tag the run's
-    latest and best checkpoints."""
+    latest and best checkpoints, in one `log_batch` with `metrics` (the epoch's values: one
+    database write an epoch instead of two, ≈8 ms of CPU each on SQLite here)."""
     path = partial.with_name(CHECKPOINT_FILE)
     os.replace(partial, path)  # a complete file or none, never half of one
     record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
@@ -70,7 +74,10 @@ def store_checkpoint(
     tags = [RunTag(LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")]
     if best is not None:
         tags.append(RunTag(BEST_EPOCH_TAG, str(best)))
-    client.log_batch(run_id, tags=tags)
+    *earlier, last = metric_batches(list(metrics)) or [[]]
+    for batch in earlier:
+        client.log_batch(run_id, metrics=batch)
+    client.log_batch(run_id, metrics=last, tags=tags)
 
 
 def delete_checkpoint(client: MlflowClient, run_id: str, epoch: int) -> None:

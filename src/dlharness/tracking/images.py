@@ -19,25 +19,29 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
 from PIL import Image
 
+from dlharness.tracking.picture_files import write_step_image
+
 LOGGED_IMAGES_TAG = MLFLOW_LOGGED_IMAGES
-# The longest side of MLflow's preview, in pixels (mlflow.tracking.multimedia).
-PREVIEW_SIDE = 256
+IMAGES_DIR = "images"
 
 
-def _preview(image: Image.Image) -> Image.Image:
-    width, height = image.size
-    scale = PREVIEW_SIDE / max(width, height)
-    return image.resize((max(1, int(width * scale)), max(1, int(height * scale))))
+def step_image_paths(folder: Path, key: str, step: int) -> tuple[Path, Path]:
+    """Where to write the PNG and the WebP preview of `key` at `step`, named as `log_image`
+    names them."""
+    stem = f"{key.replace('/', '~')}+step+{step}+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
+    return folder / f"{stem}.png", folder / f"{stem}+compressed.webp"
+
+
+def log_step_image_files(client: MlflowClient, run_id: str, png: Path, webp: Path) -> None:
+    client.log_artifact(run_id, str(png), IMAGES_DIR)
+    client.log_artifact(run_id, str(webp), IMAGES_DIR)
 
 
 def log_step_image(
     client: MlflowClient, run_id: str, image: Image.Image, key: str, step: int
 ) -> None:
     """Store `image` as the picture of `key` at `step`, as `log_image` would (without its tag)."""
-    stem = f"{key.replace('/', '~')}+step+{step}+timestamp+{int(time.time() * 1000)}+{uuid.uuid4()}"
     with tempfile.TemporaryDirectory(prefix="dlharness-image-") as scratch:
-        full, preview = Path(scratch) / f"{stem}.png", Path(scratch) / f"{stem}+compressed.webp"
-        image.save(full, format="PNG", compress_level=1)
-        _preview(image).save(preview, format="WEBP", lossless=True, method=0)
-        client.log_artifact(run_id, str(full), "images")
-        client.log_artifact(run_id, str(preview), "images")
+        png, webp = step_image_paths(Path(scratch), key, step)
+        write_step_image(image, png, webp)
+        log_step_image_files(client, run_id, png, webp)
