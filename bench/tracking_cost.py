@@ -40,10 +40,11 @@ VARIANTS = {
     "c": "dlharness",
     "d": "autolog_defaults",
 }
-# Budgets from the performance issue: training-phase ratios and the end-of-run cost.
+# Budgets from the performance issues: training-phase ratios (checked on the paired ratio, the
+# median over rounds of each round's ratio) and dlharness's end-of-run cost in seconds.
 BUDGETS = {
-    "digits": {"ratio_c_over_b": 1.25, "ratio_b_over_a": 1.10, "end_of_run_s": 1.5},
-    "heavy": {"ratio_c_over_b": 1.03, "ratio_b_over_a": 1.10, "end_of_run_s": 1.5},
+    "digits": {"ratio_c_over_b": 1.10, "ratio_b_over_a": 1.10, "end_of_run_s": 1.0},
+    "heavy": {"ratio_c_over_b": 1.02, "ratio_b_over_a": 1.10, "end_of_run_s": 1.0},
 }
 
 
@@ -244,7 +245,10 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
     workers = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("worker/")}
     per_epoch_ms = {
         "metric_logging": workers.get("epoch metrics", 0.0),
+        # The tracking thread's part (logging the files) and the helper process's (drawing and
+        # encoding them, its start-up included).
         "plots": workers.get("epoch plots", 0.0) + workers.get("confusion matrix image", 0.0),
+        "plots_helper_process": workers.get("picture helper process", 0.0),
         # The copy on the training thread and the write on the worker.
         "checkpoint_save": t["checkpoint_save"] + workers.get("checkpoint write", 0.0),
         "artifact_upload": workers.get("checkpoint upload", 0.0),
@@ -387,10 +391,9 @@ def measure(
             }
     budget = BUDGETS.get(work.name, {})
     checks = {}
-    if "ratio_c_over_b" in result and "ratio_c_over_b" in budget:
-        checks["ratio_c_over_b"] = result["ratio_c_over_b"] <= budget["ratio_c_over_b"]
-    if "ratio_b_over_a" in result and "ratio_b_over_a" in budget:
-        checks["ratio_b_over_a"] = result["ratio_b_over_a"] <= budget["ratio_b_over_a"]
+    for ratio in ("ratio_c_over_b", "ratio_b_over_a"):
+        if f"paired_{ratio}" in result and ratio in budget:
+            checks[ratio] = result[f"paired_{ratio}"]["median"] <= budget[ratio]
     if "c" in fit and "end_of_run_s" in budget:
         end = result["c_dlharness"]["end_of_run_s"]["median"]
         checks["end_of_run_s"] = end <= budget["end_of_run_s"]

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import dlharness
 from dlharness import CheckpointError, MlflowTracking, checkpoint_path
+from dlharness.callbacks.mlflow_tracking import PICTURE_HELPER
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, stored_epochs
 
 from .conftest import artifact_paths, empty_store
@@ -135,7 +136,9 @@ def uri(tmp_path, monkeypatch) -> str:
 def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lacks(
     uri, tmp_path, caplog
 ):
-    tracking = MlflowTracking(tracking_uri=uri, experiment_name="boring", system_metrics=False)
+    tracking = MlflowTracking(
+        tracking_uri=uri, experiment_name="boring", system_metrics=False, draw_in_subprocess=True
+    )
     trainer = trainer_for(tracking, limit_train_batches=4, limit_val_batches=2)
     env_before, scratch_before = own_environment(), scratch_dirs()
     with caplog.at_level(logging.WARNING, logger="dlharness"):
@@ -149,7 +152,8 @@ def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lack
         run.data.tags
     )
     paths = artifact_paths(client, run.info.run_id)
-    assert {"requirements.txt", "model_summary.txt"} <= paths
+    assert {"requirements.txt", "model_summary.txt", "plots/loss_curves.png"} <= paths
+    assert tracking.job_seconds[PICTURE_HELPER] > 0  # the curves were drawn by the helper
     # What BoringModel does not give, said once each, in one line.
     notes = [r.getMessage() for r in caplog.records]
     assert sum("no epoch-level metrics" in n for n in notes) == 1

@@ -142,7 +142,9 @@ def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback])
     )
 
 
-def build_tracking(cfg: TrainConfig, class_names: tuple[str, ...], single: bool) -> MlflowTracking:
+def build_tracking(
+    cfg: TrainConfig, class_names: tuple[str, ...], single: bool, accelerator: str
+) -> MlflowTracking:
     """The public callback with the config's settings; it logs into the run `train` opened."""
     return MlflowTracking(
         monitor=cfg.tracker.monitor,
@@ -157,6 +159,10 @@ def build_tracking(cfg: TrainConfig, class_names: tuple[str, ...], single: bool)
         # Lightning already stops every rank together on SIGTERM (at the next batch).
         checkpoint_on_signal=single,
         fast_images=True,
+        # A GPU machine has idle cores, and its training thread, launching kernels, waits for
+        # every millisecond the tracking thread holds the interpreter lock. On a CPU run the
+        # cores are busy with training: a helper process costs its start-up and saves nothing.
+        draw_in_subprocess=accelerator == "gpu",
         spool_dir=cfg.tracking.spool_dir,
         source_dir=str(Path(dlharness.__file__).parent),
     )
@@ -341,7 +347,9 @@ def _follow(cfg: TrainConfig, resume: ResumePoint | None) -> None:
     module = build_module(cfg, datamodule)
     _quiet_irrelevant_warnings()
     # The callback does its I/O on global rank 0 only; here it takes part in the collectives.
-    tracking = build_tracking(cfg, datamodule.info.class_names, single=False)
+    tracking = build_tracking(
+        cfg, datamodule.info.class_names, single=False, accelerator=accelerator
+    )
     early_stop = build_early_stop(cfg)
     trainer = build_trainer(cfg, accelerator, [c for c in (early_stop, tracking) if c])
     trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
@@ -452,7 +460,7 @@ def _tracked_training(
     if tags := {**experiment_tags(), **(version.tags() if version else {})}:
         set_run_tags(run_id, tags, client)
     input_tags = {TAG_MD5: version.md5, TAG_PATH: version.path} if version else {}
-    tracking = build_tracking(cfg, datamodule.info.class_names, single)
+    tracking = build_tracking(cfg, datamodule.info.class_names, single, accelerator)
     best = BestWeights(tracking)
     early_stop = build_early_stop(cfg)
     callbacks = [DatasetRecords(tracking, input_tags), early_stop, tracking, best, *extra_callbacks]
