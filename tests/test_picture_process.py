@@ -56,6 +56,7 @@ def test_an_error_in_the_helper_is_raised_here_and_the_helper_goes_on(tmp_path):
 
 
 def test_a_dead_helper_is_replaced_by_drawing_here(tmp_path):
+    children_before = {child.pid for child in psutil.Process().children()}
     helper = PictureProcess()
     try:
         helper.draw("curves", HISTORY, tmp_path)
@@ -67,4 +68,4 @@ def test_a_dead_helper_is_replaced_by_drawing_here(tmp_path):
         assert not helper.running and helper.pid is None
     finally:
         helper.close()
-    assert psutil.Process().children() == []
+    assert {child.pid for child in psutil.Process().children()} <= children_before
