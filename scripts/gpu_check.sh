@@ -25,12 +25,12 @@ print('torch', torch.__version__, 'lightning', lightning.__version__, 'mlflow', 
 
 status=0
 # Seconds per step (10 s imports per process): the whole script fits in 10 minutes.
-timeout 200 "$PYTHON" bench/tracking_cost.py --device gpu --workloads gpu_heavy_data_on_device \
+timeout 200 "$PYTHON" bench/tracking_cost.py --device gpu --repeats 3 --workloads gpu_heavy_data_on_device \
     2>&1 | tee "$OUT/bench-on-device.log" || status=1
 timeout 150 "$PYTHON" -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py \
     tests/test_tracker.py::test_real_gpu_is_described tests/test_cli.py -k "gpu or bad_input" \
     2>&1 | tee "$OUT/gpu-tests.log" || status=1
-timeout 200 "$PYTHON" bench/tracking_cost.py --device gpu --workloads gpu_heavy \
+timeout 200 "$PYTHON" bench/tracking_cost.py --device gpu --repeats 3 --workloads gpu_heavy \
     2>&1 | tee "$OUT/bench-loader.log" || status=1
 cp bench/results.json "$OUT/results.json"
 exit $status
