@@ -10,7 +10,8 @@ import numpy as np
 import psutil
 import pytest
 
-from dlharness.tracking.picture_process import LOWEST_PRIORITY, PictureProcess
+from dlharness.tracking.picture_process import PictureProcess
+from dlharness.tracking.worker import TRACKING_NICENESS
 
 MATRIX = np.array([[5, 1, 0], [0, 6, 2], [1, 0, 7]])
 NAMES = ("cat", "dog", "bird")
@@ -31,7 +32,7 @@ def test_the_helper_writes_the_same_files_as_drawing_here_at_the_lowest_priority
     try:
         files = draw_both(helper, tmp_path / "helper")
         assert helper.running
-        assert psutil.Process(helper.pid).nice() == LOWEST_PRIORITY
+        assert psutil.Process(helper.pid).nice() == TRACKING_NICENESS
         assert helper.helper_seconds > 0
     finally:
         helper.close()

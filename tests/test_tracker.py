@@ -41,7 +41,8 @@ from dlharness.tracking.environment import (
     collect_environment,
     environment_tags,
 )
-from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image
+from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
+from dlharness.tracking.picture_files import write_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
 
 from .conftest import (
@@ -110,7 +111,10 @@ def test_step_images_are_stored_as_mlflows_own_log_image_stores_them(store, tmp_
     by_mlflow = client.create_run(experiment.experiment_id).info.run_id
     client.log_image(by_mlflow, picture, key="val/confusion", step=3)
     ours = client.create_run(experiment.experiment_id).info.run_id
-    log_step_image(client, ours, picture, "val/confusion", 3)
+    # As MlflowTracking(fast_images=True) stores them: files written, then logged.
+    png, webp = step_image_paths(tmp_path, "val/confusion", 3)
+    write_step_image(picture, png, webp)
+    log_step_image_files(client, ours, png, webp)
     client.set_tag(ours, LOGGED_IMAGES_TAG, "True")
 
     names = {run: artifact_paths(client, run) for run in (by_mlflow, ours)}

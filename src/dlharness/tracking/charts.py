@@ -176,6 +176,11 @@ def _blues(fractions: np.ndarray) -> np.ndarray:
     return np.round(255 + (DARK_BLUE - 255) * fractions[..., None]).astype(np.uint8)
 
 
+def _cell_font(cell: int) -> ImageFont.ImageFont:
+    # Counts and labels scale with a cell of `cell` px, between 8 and 12 px.
+    return _font(max(8, min(12, cell // 3)))
+
+
 @functools.lru_cache(maxsize=4)
 def _confusion_frame(class_names: tuple[str, ...], cell: int) -> Image.Image:
     """Everything of a confusion chart but its title and cells: drawn once per run."""
@@ -183,7 +188,7 @@ def _confusion_frame(class_names: tuple[str, ...], cell: int) -> Image.Image:
     width, height = CONFUSION_LABEL_W + cell * n + 20, CONFUSION_TOP + cell * n + 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    small, top, left = _font(max(8, min(12, cell // 3))), CONFUSION_TOP, CONFUSION_LABEL_W
+    small, top, left = _cell_font(cell), CONFUSION_TOP, CONFUSION_LABEL_W
     for i, name in enumerate(class_names):
         label = name[:12]
         draw.text(
@@ -208,7 +213,7 @@ def _count_mask(text: str, size: int) -> Image.Image:
     # A count's glyphs, rendered once: most cells of a confusion matrix repeat a few numbers.
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).text(
-        (size / 2, size / 2), text, fill=255, font=_font(max(8, min(12, size // 3))), anchor="mm"
+        (size / 2, size / 2), text, fill=255, font=_cell_font(size), anchor="mm"
     )
     return mask
 

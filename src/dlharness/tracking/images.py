@@ -10,16 +10,12 @@ the caller.
 
 from __future__ import annotations
 
-import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
-from PIL import Image
-
-from dlharness.tracking.picture_files import write_step_image
 
 LOGGED_IMAGES_TAG = MLFLOW_LOGGED_IMAGES
 IMAGES_DIR = "images"
@@ -33,15 +29,7 @@ def step_image_paths(folder: Path, key: str, step: int) -> tuple[Path, Path]:
 
 
 def log_step_image_files(client: MlflowClient, run_id: str, png: Path, webp: Path) -> None:
+    """Store the files `picture_files.write_step_image` wrote, as `log_image` would (without
+    its tag)."""
     client.log_artifact(run_id, str(png), IMAGES_DIR)
     client.log_artifact(run_id, str(webp), IMAGES_DIR)
-
-
-def log_step_image(
-    client: MlflowClient, run_id: str, image: Image.Image, key: str, step: int
-) -> None:
-    """Store `image` as the picture of `key` at `step`, as `log_image` would (without its tag)."""
-    with tempfile.TemporaryDirectory(prefix="dlharness-image-") as scratch:
-        png, webp = step_image_paths(Path(scratch), key, step)
-        write_step_image(image, png, webp)
-        log_step_image_files(client, run_id, png, webp)

@@ -4,11 +4,12 @@ Drawing a confusion matrix and encoding its PNG and WebP, or the two curve chart
 15–25 ms of CPU an epoch here, most of it Python holding the interpreter lock: on the tracking
 thread every millisecond of it is one the training loop may wait to get the lock back between
 torch ops. In a process of its own, at the lowest priority, the same work shares no lock with
-training and runs on the cycles training leaves idle. It imports PIL and numpy only (≈0.15 s
-to start) and is started on the first picture. The tracking thread hands it a request and
-waits (blocked on a pipe, holding no lock); the files it writes are then logged by the
-thread as before. If the helper cannot start or dies, the pictures are drawn on the
-calling thread, as without it.
+training. It imports PIL and numpy only and is started on the first picture (≈0.3 s of CPU
+on a busy 2-core machine, where no core is idle and that start-up outweighed the saving:
+docs/performance.md; it is meant for machines with idle cores, such as a GPU machine's). The
+tracking thread hands it a request and waits (blocked on a pipe, holding no lock); the files
+it writes are then logged by the thread as before. If the helper cannot start or dies, the
+pictures are drawn on the calling thread, as without it.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from dlharness.tracking.picture_files import write_confusion, write_curves
+from dlharness.tracking.worker import yield_to_training
 
 # What the helper can be asked to do: name → a function writing files.
 JOBS: dict[str, Callable[..., None]] = {"confusion": write_confusion, "curves": write_curves}
 # Seconds to wait for the helper to exit once its input is closed, before it is killed.
 EXIT_WAIT_S = 5.0
-LOWEST_PRIORITY = 19
 
 
 class PictureProcess:
@@ -109,8 +110,7 @@ def serve() -> None:
     text, and the CPU seconds used so far) to standard output, until the input closes."""
     # Ctrl-C reaches the whole process group: the parent decides when this ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
+    yield_to_training()
     requests, replies = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a stray print must not corrupt the replies
     while True:

@@ -41,7 +41,9 @@ def as_storage_error(what: str, exc: OSError) -> StorageError | None:
 TRACKING_NICENESS = 19
 
 
-def _yield_to_training() -> None:
+def yield_to_training() -> None:
+    """Give the calling thread (the tracking thread, or the picture helper's only one) the
+    lowest CPU priority."""
     # Linux applies niceness per thread (a thread id is a process id to setpriority).
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRACKING_NICENESS)
@@ -65,7 +67,7 @@ class TrackingWorker:
 
     def __init__(self) -> None:
         self._executor = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="dlharness-tracking", initializer=_yield_to_training
+            max_workers=1, thread_name_prefix="dlharness-tracking", initializer=yield_to_training
         )
         self._pending: list[Future] = []
         self._reported: set[str] = set()
