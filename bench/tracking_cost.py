@@ -244,6 +244,8 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
     epochs = cfg.trainer.max_epochs
     workers = {k.split("/", 1)[1]: v for k, v in t.items() if k.startswith("worker/")}
     per_epoch_ms = {
+        # Epochs without a checkpoint only: a checkpoint epoch's values go in its upload's
+        # `log_batch` (artifact_upload below).
         "metric_logging": workers.get("epoch metrics", 0.0),
         # The tracking thread's part (logging the files) and the helper process's (drawing and
         # encoding them, its start-up included).
