@@ -237,8 +237,10 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
 
 
 def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
+    from dlharness.app.collector import freeze_long_lived_objects
     from dlharness.app.train import train
 
+    freeze_long_lived_objects()  # as the dlharness-train command does
     result = train(cfg, fast_package_index=True)
     t = result.timings
     epochs = cfg.trainer.max_epochs

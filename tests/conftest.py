@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import multiprocessing.util
 import os
@@ -42,6 +43,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # thread pools contend for the same cores (measured: the suite slower than one worker).
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
+
+
+def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
+    if phase == "stop" and info["generation"] == 2:
+        gc.freeze()
+
+
+# A full collection traces every object alive: the ≈600 000 torch, Lightning and MLflow leave
+# on import and what each test's imports add (0.3–0.4 s a collection, ≈7 % of a test process's
+# time, measured 2026-12-01). What is alive now, and what survives each full collection, is
+# frozen out of the next ones; it is still freed when its last reference goes.
+gc.freeze()
+gc.callbacks.append(_freeze_survivors)
 
 # The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores: resume
 # 155, sweep 95 with PostgreSQL, multinode 91, dvc 69, outage 50, serving 40, server 36, bench

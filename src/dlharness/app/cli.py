@@ -242,8 +242,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if resume is not None:
                 resume.cleanup()
             return 0
+        from dlharness.app.collector import freeze_long_lived_objects
         from dlharness.app.train import train
 
+        freeze_long_lived_objects()
         result = train(cfg, resume, fast_package_index=True)
     except UsageError as exc:
         print(f"dlharness-train: error: {with_flag_name(str(exc))}", file=sys.stderr)

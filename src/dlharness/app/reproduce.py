@@ -202,8 +202,10 @@ def reproduce(
         cfg = from_dict(TrainConfig, logged)
         validate(cfg)
         # Imported here: --help and a refused run answer without loading torch.
+        from dlharness.app.collector import freeze_long_lived_objects
         from dlharness.app.train import train
 
+        freeze_long_lived_objects()
         return train(cfg, fast_package_index=True)
 
 

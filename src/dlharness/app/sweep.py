@@ -29,6 +29,7 @@ from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
 from dlharness.app.cli import plain_training_output
+from dlharness.app.collector import freeze_long_lived_objects
 from dlharness.app.config import TrainConfig, load_config
 from dlharness.app.model_logging import register_candidate
 from dlharness.app.run_lifecycle import check_tracking_uri, set_experiment
@@ -551,6 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"dlharness-sweep: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    freeze_long_lived_objects()
     workers = [] if args.worker else spawn_workers(args, sweep, args.workers - 1)
     try:
         work(sweep)

@@ -1,0 +1,48 @@
+"""gc.freeze() in a command's process: what was alive is out of the collector's reach, what
+comes after is collected as before, and the exit freezes the rest."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import textwrap
+
+from .conftest import PYTHON, cli_env
+
+PROBE = textwrap.dedent(
+    """
+    import atexit, gc, json
+    import mlflow  # a heavy import, as a command does before training
+    from dlharness.app.collector import freeze_long_lived_objects
+
+    seen = {}
+    # Registered first, so it runs last: after the exit handler of freeze_long_lived_objects.
+    atexit.register(lambda: print(json.dumps({**seen, "at_exit": gc.get_freeze_count()})))
+    freeze_long_lived_objects()
+    seen["frozen"] = gc.get_freeze_count()
+    freeze_long_lived_objects()  # once per process
+    seen["again"] = gc.get_freeze_count()
+
+    class Node:
+        pass
+
+    # A reference cycle made after the freeze is garbage the collector still finds.
+    a, b = Node(), Node()
+    a.other, b.other = b, a
+    del a, b
+    seen["found"] = gc.collect()
+    survivors = [Node() for _ in range(1000)]
+    """
+)
+
+
+def test_imports_frozen_once_later_garbage_collected_and_the_rest_frozen_at_exit():
+    done = subprocess.run(
+        [PYTHON, "-c", PROBE], env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["frozen"] > 100_000  # MLflow's modules, classes, functions
+    assert report["again"] == report["frozen"]
+    assert report["found"] >= 2  # the two nodes of the cycle (and their dicts)
+    assert report["at_exit"] >= report["frozen"] + 1000  # the survivors too
