@@ -47,10 +47,6 @@ tracker: {keep_last_checkpoints: null, onnx: false}
 """
 
 
-# The references below and the NHWC run are compared at torch's default thread count.
-pytestmark = pytest.mark.usefixtures("torch_default_threads")
-
-
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     """A store, the tiny config file, and two uninterrupted 6-epoch reference runs."""
@@ -154,24 +150,6 @@ def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path, caps
     assert torch.equal(
         next(iter(module.state_dict().values())), next(iter(final["state_dict"].values()))
     )
-
-
-def test_data_on_device_in_nhwc_trains_and_resumes_the_same_model(lab, tmp_path):
-    """Tensors held whole by the loader and NHWC weights change speed, not the training.
-
-    NHWC convolutions sum in another order: equal metrics, weights equal to 1e-5.
-    """
-    _, uri, config, references = lab
-    client = MlflowClient(uri)
-    overrides = {"tracking.tracking_uri": uri, "optim.scheduler": "none", "trainer.max_epochs": 3}
-    fast = {"data.on_device": True, "trainer.channels_last": True}
-    first = train(load_config(config, {**overrides, **fast}))
-    resumed = ["--resume", first.run_id, "--max-epochs", "6", "--tracking-uri", uri]
-    assert main([*resumed, "--data-on-device", "--channels-last"]) == 0
-    params = client.get_run(first.run_id).data.params
-    assert params["data.on_device"] == params["trainer.channels_last"] == "True"
-    assert_one_value_per_epoch(client, first.run_id)
-    assert_same_training(client, first.run_id, references["none"], tmp_path, weights_atol=1e-5)
 
 
 def test_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(lab, monkeypatch):
