@@ -57,15 +57,16 @@ def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
 gc.freeze()
 gc.callbacks.append(_freeze_survivors)
 
-# The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores: resume
-# 155, sweep 95 with PostgreSQL, multinode 91, dvc 69, outage 50, serving 40, server 36, bench
-# 38, cli 32, ui 26, compare 25; the rest under 21). `make test` passes --no-loadscope-reorder, so pytest-xdist hands files
-# out in this order instead of by test count, which left the long files with few tests to run
-# alone at the end (CI: 441 s against 356 s balanced).
+# The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores, with
+# CI's PostgreSQL tests added: resume 86, server 82, sweep 76, multinode 75, dvc 71, outage
+# 59, serving 41, bench 35, ui 34, cli 29, harness_options 25, examples 22; the rest under
+# 20). `make test` passes --no-loadscope-reorder, so pytest-xdist hands files out in this
+# order instead of by test count, which left the long files with few tests to run alone at
+# the end (CI: 441 s against 356 s balanced).
 COSTLIEST_FILES_FIRST = (
-    "test_resume.py", "test_sweep.py", "test_multinode.py", "test_dvc.py", "test_outage.py",
-    "test_serving.py", "test_bench.py", "test_server.py", "test_cli.py", "test_ui.py",
-    "test_compare.py",
+    "test_resume.py", "test_server.py", "test_sweep.py", "test_multinode.py", "test_dvc.py",
+    "test_outage.py", "test_serving.py", "test_bench.py", "test_ui.py", "test_cli.py",
+    "test_harness_options.py", "test_examples.py",
 )  # fmt: skip
 
 
