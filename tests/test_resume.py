@@ -143,6 +143,16 @@ def test_three_epochs_then_resume_to_six_equals_six_straight(lab, tmp_path, caps
     assert run.data.tags["dlharness.resumed_with.trainer.max_epochs"] == "6"
     assert_one_value_per_epoch(client, first.run_id)
     assert_same_training(client, first.run_id, references["none"], tmp_path)
+    # Evaluated at the end of both processes: the tables hold the last evaluation only.
+    n_test = int(run.data.params["data.n_test"])
+    predictions = mlflow.load_table("evaluation/predictions.json", run_ids=[first.run_id])
+    assert len(predictions) == n_test
+    per_class = mlflow.load_table("evaluation/per_class_metrics.json", run_ids=[first.run_id])
+    assert per_class["support"].sum() == n_test
+    assert sorted(t["path"] for t in json.loads(run.data.tags["mlflow.loggedArtifacts"])) == [
+        "evaluation/per_class_metrics.json",
+        "evaluation/predictions.json",
+    ]
     final = torch.load(fetch_checkpoint(client, first.run_id, 5, tmp_path / "c"), weights_only=True)
     assert sorted(final["callbacks"]["MlflowTracking"]["history"]) == list(range(EPOCHS))
     # 6. The resumed run's checkpoints still load with MLflow's own loader.
