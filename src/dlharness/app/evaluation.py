@@ -12,12 +12,7 @@ import torch
 import torch.nn.functional as F
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
-from sklearn.metrics import (
-    confusion_matrix,
-    precision_recall_fscore_support,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
 from dlharness.models.classifier import ClassifierModule, classification_metrics
@@ -111,6 +106,22 @@ def predictions_table(evaluation: Evaluation, class_names: Sequence[str]) -> pd.
     return table
 
 
+def roc_curve(positives: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """(false positive rates, true positive rates, AUC) of `scores` for the boolean
+    `positives`, one point per distinct score from the highest: scikit-learn's `roc_curve`
+    without dropping collinear points, and its `roc_auc_score` (the trapezoids under it), in
+    ≈0.1 ms instead of ≈5 ms a class (its argument checks)."""
+    order = np.argsort(-scores, kind="mergesort")
+    ranked, hits = scores[order], positives[order]
+    # The last index of each run of equal scores: a threshold admits all of them at once.
+    ends = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
+    true_pos = np.cumsum(hits)[ends]
+    false_pos = ends + 1 - true_pos
+    tpr = np.r_[0.0, true_pos / true_pos[-1]]
+    fpr = np.r_[0.0, false_pos / false_pos[-1]]
+    return fpr, tpr, float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
 def roc_curves(evaluation: Evaluation, class_names: Sequence[str]) -> dict[str, tuple]:
     """One-vs-rest ROC per class that occurs in the split (a curve needs both outcomes)."""
     curves = {}
@@ -118,8 +129,7 @@ def roc_curves(evaluation: Evaluation, class_names: Sequence[str]) -> dict[str, 
         positives = evaluation.targets == i
         if positives.all() or not positives.any():
             continue
-        fpr, tpr, _ = roc_curve(positives, evaluation.probabilities[:, i])
-        curves[name] = (fpr, tpr, roc_auc_score(positives, evaluation.probabilities[:, i]))
+        curves[name] = roc_curve(positives, evaluation.probabilities[:, i])
     return curves
 
 
