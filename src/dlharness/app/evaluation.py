@@ -10,14 +10,16 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
 from dlharness.models.classifier import ClassifierModule, classification_metrics
 from dlharness.tracking import charts
+from dlharness.tracking.images import log_png
 
+EVALUATED_EPOCH_TAG = "dlharness.evaluated_epoch"
 # Misclassified test images shown in evaluation/misclassified.png.
 MISCLASSIFIED_SHOWN = 32
 
@@ -140,11 +142,13 @@ def log_evaluation(
     class_names: Sequence[str],
     epoch: int,
 ) -> None:
-    """Test metrics at ``step = epoch`` (the epoch whose weights were evaluated) and artifacts."""
+    """Test metrics at ``step = epoch`` (the epoch whose weights were evaluated), with the tag
+    `dlharness.evaluated_epoch` in the same write, and artifacts."""
     now_ms = int(time.time() * 1000)
     client.log_batch(
         run_id,
         metrics=[Metric(k, v, now_ms, epoch) for k, v in sorted(evaluation.metrics.items())],
+        tags=[RunTag(EVALUATED_EPOCH_TAG, str(epoch))],
     )
     matrix = confusion_matrix(
         evaluation.targets, evaluation.predictions, labels=list(range(len(class_names)))
@@ -159,15 +163,17 @@ def log_evaluation(
         },
         "evaluation/confusion_matrix.json",
     )
-    client.log_image(
+    log_png(
+        client,
         run_id,
         charts.confusion_chart(matrix, class_names, f"Test confusion matrix (epoch {epoch})"),
-        artifact_file="evaluation/confusion_matrix.png",
+        "evaluation/confusion_matrix.png",
     )
-    client.log_image(
+    log_png(
+        client,
         run_id,
         charts.roc_chart(roc_curves(evaluation, class_names)),
-        artifact_file="evaluation/roc_curves.png",
+        "evaluation/roc_curves.png",
     )
     client.log_table(
         run_id, per_class_table(evaluation, class_names), "evaluation/per_class_metrics.json"
@@ -180,10 +186,11 @@ def log_evaluation(
         f"#{i}: {class_names[evaluation.targets[i]]}->{class_names[predicted[i]]}"
         for i in evaluation.misclassified_index
     ]
-    client.log_image(
+    log_png(
+        client,
         run_id,
         charts.image_grid(
             evaluation.misclassified, captions, "Misclassified test images (true->predicted)"
         ),
-        artifact_file="evaluation/misclassified.png",
+        "evaluation/misclassified.png",
     )

@@ -253,7 +253,6 @@ def finish(
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
     log_evaluation(client, run_id, evaluation, class_names, epoch)
-    set_run_tags(run_id, {"dlharness.evaluated_epoch": str(epoch)}, client)
     timings["evaluation"] = time.perf_counter() - started
     example_batch, _ = next(iter(datamodule.test_dataloader()))
     served = ServedClasses.of(datamodule)

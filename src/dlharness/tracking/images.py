@@ -1,4 +1,4 @@
-"""Step-keyed images in the layout of MLflow's `log_image`, encoded for speed.
+"""Images in the layout of MLflow's `log_image`, encoded for speed.
 
 `MlflowClient.log_image(run_id, image, key=, step=)` writes a PNG, a WebP preview at most
 256 px a side, and sets the run's ``mlflow.loggedImages`` tag: ≈20 ms of CPU per picture here,
@@ -10,12 +10,15 @@ the caller.
 
 from __future__ import annotations
 
+import posixpath
+import tempfile
 import time
 import uuid
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_IMAGES
+from PIL import Image
 
 LOGGED_IMAGES_TAG = MLFLOW_LOGGED_IMAGES
 IMAGES_DIR = "images"
@@ -33,3 +36,13 @@ def log_step_image_files(client: MlflowClient, run_id: str, png: Path, webp: Pat
     its tag)."""
     client.log_artifact(run_id, str(png), IMAGES_DIR)
     client.log_artifact(run_id, str(webp), IMAGES_DIR)
+
+
+def log_png(client: MlflowClient, run_id: str, image: Image.Image, artifact_file: str) -> None:
+    """`client.log_image(run_id, image, artifact_file=...)` at zlib level 1 instead of PIL's
+    default 6: the end of a run's three pictures encode in ≈27 ms instead of ≈67 ms here
+    (the misclassified images' grid 14 instead of 48), files ≈10 % larger."""
+    with tempfile.TemporaryDirectory(prefix="dlharness-png-") as scratch:
+        path = Path(scratch) / posixpath.basename(artifact_file)
+        image.save(path, format="PNG", compress_level=1)
+        client.log_artifact(run_id, str(path), posixpath.dirname(artifact_file) or None)
