@@ -20,6 +20,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
+from dlharness.app.collector import freeze_long_lived_objects
 from dlharness.app.config import TrainConfig, load_config
 from dlharness.tracking.installed_packages import CACHE_DIR_ENV
 
@@ -52,9 +53,10 @@ def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
 
 # A full collection traces every object alive: the ≈600 000 torch, Lightning and MLflow leave
 # on import and what each test's imports add (0.3–0.4 s a collection, ≈7 % of a test process's
-# time, measured 2026-12-01). What is alive now, and what survives each full collection, is
-# frozen out of the next ones; it is still freed when its last reference goes.
-gc.freeze()
+# time, measured 2026-12-01). What is alive now (and at exit), as the training commands do,
+# and also what survives each full collection, is frozen out of the next ones; it is still
+# freed when its last reference goes.
+freeze_long_lived_objects()
 gc.callbacks.append(_freeze_survivors)
 
 # The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores, with
