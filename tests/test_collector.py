@@ -1,5 +1,6 @@
 """gc.freeze() in a command's process: what was alive is out of the collector's reach, what
-comes after is collected as before, and the exit freezes the rest."""
+comes after is collected as before, what is alive when training starts is frozen too, and the
+exit freezes the rest; a process that did not opt in (a library caller's) is left alone."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ PROBE = textwrap.dedent(
     """
     import atexit, gc, json
     import mlflow  # a heavy import, as a command does before training
-    from dlharness.app.collector import freeze_long_lived_objects
+    from dlharness.app.collector import freeze_before_training, freeze_long_lived_objects
 
     seen = {}
     # Registered first, so it runs last: after the exit handler of freeze_long_lived_objects.
@@ -31,7 +32,20 @@ PROBE = textwrap.dedent(
     a.other, b.other = b, a
     del a, b
     seen["found"] = gc.collect()
-    survivors = [Node() for _ in range(1000)]
+    survivors = [Node() for _ in range(1000)]  # the data and the model of a run
+    freeze_before_training()
+    seen["before_training"] = gc.get_freeze_count()
+    survivors += [Node() for _ in range(1000)]
+    """
+)
+
+LIBRARY_PROBE = textwrap.dedent(
+    """
+    import gc
+    from dlharness.app.collector import freeze_before_training
+
+    freeze_before_training()
+    print(gc.get_freeze_count())
     """
 )
 
@@ -45,4 +59,13 @@ def test_imports_frozen_once_later_garbage_collected_and_the_rest_frozen_at_exit
     assert report["frozen"] > 100_000  # MLflow's modules, classes, functions
     assert report["again"] == report["frozen"]
     assert report["found"] >= 2  # the two nodes of the cycle (and their dicts)
-    assert report["at_exit"] >= report["frozen"] + 1000  # the survivors too
+    assert report["before_training"] >= report["frozen"] + 1000
+    assert report["at_exit"] >= report["frozen"] + 2000  # the later survivors too
+
+
+def test_a_process_that_did_not_opt_in_is_not_frozen_before_training():
+    done = subprocess.run(
+        [PYTHON, "-c", LIBRARY_PROBE], env=cli_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "0"
