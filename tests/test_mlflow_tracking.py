@@ -181,9 +181,9 @@ def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lack
 def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkpoint(
     uri, monkeypatch
 ):
-    # MLflow's sampler publishes after each interval (10 s by default): a run this short
-    # would end before the first one.
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    # MLflow's sampler publishes after each interval (10 s by default) and not at the end: a
+    # run this short (0.1–0.5 s on 2 cores) would end before the first one.
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")
     tracking = MlflowTracking(
         tracking_uri=uri, experiment_name="external", monitor="val_loss", keep_last=1
     )

@@ -13,9 +13,11 @@ import time
 import uuid
 from pathlib import Path
 
+import lightning as L
 import mlflow
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from dlharness.app.cli import main
@@ -184,12 +186,13 @@ def test_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(lab, monke
 def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment):
     folder, uri, config, references = lab
     client = MlflowClient(uri)
-    pattern = "artifacts/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
+    # Epoch 1's record: stored while epoch 2 or 3 runs (the upload lags by up to one epoch).
+    pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
     earlier = set(folder.glob(pattern))
     proc = start_training(folder, uri, config, "--run-name", f"killed-{moment}")
     record = wait_for(folder, pattern, proc, ignore=earlier)
     if moment == "mid-epoch":
-        time.sleep(0.15)  # epochs take about 0.4 s here
+        time.sleep(0.15)  # epochs take 0.1–0.4 s on 2 cores
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     run_id = run_id_of(record)
@@ -198,6 +201,37 @@ def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment)
     assert client.get_run(run_id).info.status == "FINISHED"
     assert_one_value_per_epoch(client, run_id)
     assert_same_training(client, run_id, references["cosine"], tmp_path)
+    assert_nothing_running(uri)
+
+
+class _ProcessEndsAfterTraining(Callback):
+    """The process ends once the last epoch's checkpoint is stored, before the evaluation."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise RuntimeError("power cut")
+
+
+def test_run_ended_after_its_last_checkpoint_resumes_to_its_evaluation(lab, capsys):
+    """A stop that lands after the last epoch's checkpoint (a signal, a crash) leaves a run
+    that the printed `--resume` completes; a finished run is complete and says how to go on."""
+    _, uri, config, _ = lab
+    client = MlflowClient(uri)
+    cfg = load_config(config, {"tracking.tracking_uri": uri, "trainer.max_epochs": 2})
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(cfg, callbacks=[_ProcessEndsAfterTraining()])
+    run = client.search_runs([client.get_experiment_by_name("resume").experiment_id],
+                             order_by=["start_time DESC"], max_results=1)[0]  # fmt: skip
+    assert run.info.status == "FAILED"
+    assert stored_epochs(client, run.info.run_id) == [0, 1]
+    assert "test/acc" not in run.data.metrics
+    assert resume(uri, "--resume", run.info.run_id) == 0
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert "test/acc" in run.data.metrics
+    assert_one_value_per_epoch(client, run.info.run_id, epochs=2)
+    capsys.readouterr()
+    assert resume(uri, "--resume", run.info.run_id) == 2
+    assert "pass --max-epochs above 2 to train longer" in capsys.readouterr().err
     assert_nothing_running(uri)
 
 
@@ -231,11 +265,11 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     signum = signal.SIGTERM
     folder, uri, config, references = lab
     client = MlflowClient(uri)
-    pattern = "artifacts/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
+    pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
     earlier = set(folder.glob(pattern))
     proc = start_training(folder, uri, config, "--run-name", f"signal-{signum.name}")
     record = wait_for(folder, pattern, proc, ignore=earlier)
-    time.sleep(0.15)  # into epoch 3: epochs take about 0.4 s here
+    time.sleep(0.15)  # into a later epoch: they take 0.1–0.4 s on 2 cores
     proc.send_signal(signum)
     proc.wait(timeout=120)
     stderr = proc.output()

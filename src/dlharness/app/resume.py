@@ -140,7 +140,7 @@ def prepare_resume(
     run_id, epoch = parse_target(target, epoch)
     client = MlflowClient(tracking_uri)
     try:
-        client.get_run(run_id)
+        finished = client.get_run(run_id).info.status == "FINISHED"
     except MlflowException:
         raise UsageError(f"run {run_id} not found in {tracking_uri}") from None
     available = stored_epochs(client, run_id)
@@ -159,9 +159,10 @@ def prepare_resume(
     # ("sweep.trial") into nested tags.
     config = from_dict(TrainConfig, data)
     validate(config)
-    # `trained_ok`: a run whose process died after its last epoch, before its evaluation and
-    # models (a sweep's taken-over trial): the fit restores and ends at once, the rest follows.
-    if config.trainer.max_epochs <= epoch + 1 and not trained_ok:
+    # A run whose process ended after its last epoch's checkpoint, before its evaluation and
+    # models (killed, failed, pre-empted, a sweep's taken-over trial: `trained_ok`): the fit
+    # restores and ends at once, the rest follows. A finished run is complete.
+    if config.trainer.max_epochs <= epoch + 1 and (finished or fork) and not trained_ok:
         raise UsageError(
             f"the checkpoint of epoch {epoch} ends a run of {config.trainer.max_epochs} epochs; "
             f"pass --max-epochs above {epoch + 1} to train longer"
