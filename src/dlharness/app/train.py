@@ -59,7 +59,7 @@ from dlharness.tracking.spool import SpoolingClient, is_unreachable, set_http_de
 from dlharness.tracking.worker import StorageError, as_storage_error
 
 # Lightning imports omegaconf, where it is installed (DVC brings it), when it writes its first
-# checkpoint: ≈50 ms of the first epoch on the training thread. Imported with the rest, the
+# checkpoint: ≈46 ms of the first epoch on the training thread. Imported with the rest, the
 # cost moves to start-up (it is not saved) and its objects are frozen with the command's.
 with contextlib.suppress(ImportError):
     import omegaconf  # noqa: F401
