@@ -12,9 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import posixpath
 import shutil
-import tempfile
 import threading
 import time
 import warnings
@@ -29,6 +27,8 @@ from mlflow.protos.service_pb2 import DatasetInput as ProtoDatasetInput
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+from dlharness.tracking.artifact_file import log_written_file
 
 JOURNAL = "journal.jsonl"
 SYNCED = "journal.synced.jsonl"
@@ -231,10 +231,12 @@ class SpoolingClient(MlflowClient):
         if self._tables is None:
             self._tables = self._logged_tables(run_id)
         frame = data if isinstance(data, pd.DataFrame) else pd.DataFrame(data)
-        with tempfile.TemporaryDirectory(prefix="dlharness-table-") as scratch:
-            path = Path(scratch) / posixpath.basename(artifact_file)
-            frame.to_json(path, orient="split", index=False, date_format="iso")
-            self.log_artifact(run_id, str(path), posixpath.dirname(artifact_file) or None)
+        log_written_file(
+            self,
+            run_id,
+            artifact_file,
+            lambda path: frame.to_json(path, orient="split", index=False, date_format="iso"),
+        )
         entry = {"path": artifact_file, "type": "table"}
         if entry not in self._tables:
             self._tables.append(entry)
