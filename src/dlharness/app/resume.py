@@ -161,7 +161,8 @@ def prepare_resume(
     validate(config)
     # A run whose process ended after its last epoch's checkpoint, before its evaluation and
     # models (killed, failed, pre-empted, a sweep's taken-over trial: `trained_ok`): the fit
-    # restores and ends at once, the rest follows. A finished run is complete.
+    # restores and ends at once, the rest follows. A finished run is complete, and a fork from
+    # a last checkpoint would train nothing.
     if config.trainer.max_epochs <= epoch + 1 and (finished or fork) and not trained_ok:
         raise UsageError(
             f"the checkpoint of epoch {epoch} ends a run of {config.trainer.max_epochs} epochs; "
