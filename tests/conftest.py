@@ -11,9 +11,12 @@ import re
 import shutil
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
+import lightning as L
 import mlflow
 import pytest
 import torch
@@ -188,6 +191,24 @@ def epoch_histories(
         key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
         for key in keys
     }
+
+
+class AfterStoredCheckpoint(L.Callback):
+    """Calls `act()` at the start of epoch `epoch`, once epoch `epoch - 1`'s checkpoint record
+    is in the artifact folder `artifacts` (uploads lag training by up to one epoch): a fault
+    injected there falls at the same point of training however fast the machine is."""
+
+    def __init__(self, artifacts: Path, epoch: int, act: Callable[[], object]) -> None:
+        self.artifacts, self.epoch, self.act = artifacts, epoch, act
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.current_epoch != self.epoch:
+            return
+        record = f"**/checkpoints/epoch_{self.epoch - 1}/checkpoint_metrics.json"
+        deadline = time.monotonic() + 120
+        while not any(self.artifacts.glob(record)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.act()
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -4,21 +4,22 @@ read-only mid-run. Training stops with one line, the run ends FAILED, nothing st
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from dlharness.app import train as train_module
 from dlharness.app.cli import main
+from dlharness.app.train import train
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
-from .conftest import empty_store
+from .conftest import AfterStoredCheckpoint, empty_store
 
 FAULT_YAML = """
 data: {batch_size: 64}
@@ -86,21 +87,19 @@ def test_full_artifact_disk_stops_training_and_fails_the_run(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_artifact_disk_turning_read_only_stops_training_and_fails_the_run(tmp_path, capsys):
+def test_artifact_disk_turning_read_only_stops_training_and_fails_the_run(
+    tmp_path, capsys, monkeypatch
+):
     with tmpfs(tmp_path / "artifacts", "64m") as artifacts:
         uri, config = fault_lab(tmp_path, artifacts)
-        record = "*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
 
-        def remount_read_only_after_epoch_1() -> None:
-            deadline = time.monotonic() + 240
-            while not list(artifacts.glob(record)) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        def remount_read_only() -> None:
             subprocess.run(["mount", "-o", "remount,ro", str(artifacts)], check=True)
 
-        saboteur = threading.Thread(target=remount_read_only_after_epoch_1)
-        saboteur.start()
+        # Read-only once epoch 1's checkpoint is stored, before epoch 2 trains.
+        fault = AfterStoredCheckpoint(artifacts, 2, remount_read_only)
+        monkeypatch.setattr(train_module, "train", functools.partial(train, callbacks=[fault]))
         code = main(["--config", str(config), "--tracking-uri", uri])
-        saboteur.join()
         err = capsys.readouterr().err
         assert code == 1
         message = err.strip().splitlines()[-1]

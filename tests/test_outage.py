@@ -3,12 +3,11 @@ and `dlharness-sync` after a restart gives the run exactly what an uninterrupted
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import signal
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +18,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness import MlflowTracking
+from dlharness.app import train as train_module
 from dlharness.app.cli import main as train_main
 from dlharness.app.config import load_config
 from dlharness.app.server import (
@@ -33,7 +33,7 @@ from dlharness.app.train import train
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.tracking.spool import SpoolWarning
 
-from .conftest import artifact_paths, empty_store, epoch_histories
+from .conftest import AfterStoredCheckpoint, artifact_paths, empty_store, epoch_histories
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 OUTAGE_YAML = """
@@ -78,19 +78,15 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
-    pattern = "artifacts/*/*/artifacts/checkpoints/epoch_2/checkpoint_metrics.json"
 
-    def kill_server_after_epoch_2() -> None:
-        deadline = time.monotonic() + 240
-        while not list(tmp_path.glob(pattern)) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    def kill_server() -> None:
         os.killpg(server.pid, signal.SIGKILL)
 
-    killer = threading.Thread(target=kill_server_after_epoch_2)
-    killer.start()
+    # Killed once epoch 2's checkpoint is stored, before epoch 3 trains.
+    outage = AfterStoredCheckpoint(tmp_path / "artifacts", 3, kill_server)
+    monkeypatch.setattr(train_module, "train", functools.partial(train, callbacks=[outage]))
     capsys.readouterr()
     code = train_main(["--config", str(config), "--tracking-uri", url])
-    killer.join()
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "Traceback" not in captured.err
@@ -143,24 +139,6 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
         stop_server(server)
 
 
-class KillServerAtEpoch(L.Callback):
-    """SIGKILLs the server once epoch `epoch - 1`'s checkpoint is stored on it: the outage falls
-    at the same point of training however fast the machine is."""
-
-    def __init__(self, server: subprocess.Popen, artifacts: Path, epoch: int) -> None:
-        self.server, self.artifacts, self.epoch = server, artifacts, epoch
-
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        if trainer.current_epoch != self.epoch:
-            return
-        record = f"*/*/artifacts/checkpoints/epoch_{self.epoch - 1}/checkpoint_metrics.json"
-        deadline = time.monotonic() + 60
-        while not list(self.artifacts.glob(record)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        os.killpg(self.server.pid, signal.SIGKILL)
-        self.server.wait()
-
-
 @pytest.mark.slow
 def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_completes_it(
     tmp_path, monkeypatch, capsys
@@ -174,6 +152,11 @@ def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_compl
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(tmp_path, port)
+
+    def kill_server() -> None:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
     try:
         tracking = MlflowTracking(tracking_uri=url, experiment_name="own", system_metrics=False)
         trainer = L.Trainer(
@@ -181,7 +164,7 @@ def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_compl
             accelerator="cpu",
             logger=False,
             enable_progress_bar=False,
-            callbacks=[KillServerAtEpoch(server, tmp_path / "artifacts", 2), tracking],
+            callbacks=[AfterStoredCheckpoint(tmp_path / "artifacts", 2, kill_server), tracking],
         )
         with pytest.warns(SpoolWarning):
             trainer.fit(ExternalModule(), datamodule=ExternalData())
