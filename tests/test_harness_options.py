@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness.app.compare import main as compare_main
@@ -93,6 +94,16 @@ def test_clipping_and_accumulation_reach_the_trainer_and_the_params(runs):
     )
     trainer = build_trainer(cfg, "cpu", [])
     assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (0.5, 2)
+
+
+def test_cudnn_picks_its_fastest_algorithms_only_when_determinism_is_off(store):
+    before = torch.backends.cudnn.benchmark
+    try:
+        for deterministic in (True, False):
+            build_trainer(tiny_config(store, **{"trainer.deterministic": deterministic}), "cpu", [])
+            assert torch.backends.cudnn.benchmark is (not deterministic)
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def test_warm_up_rates_follow_the_formula(runs):

@@ -79,6 +79,8 @@ SWITCHES = (
      "keep every split as tensors on the training device (default: off)"),
     ("--channels-last", "trainer.channels_last", True,
      "NHWC weights and batches, for tensor-core GPUs (default: off)"),
+    ("--compile", "trainer.compile", True,
+     "run the network through torch.compile; pays off on long GPU runs (default: off)"),
     ("--no-system-metrics", "tracking.system_metrics", False,
      "do not sample CPU/GPU/memory use into system/* metrics (default: sampled)"),
 )  # fmt: skip

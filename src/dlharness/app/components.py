@@ -33,7 +33,7 @@ def net_spec(model: ModelConfig, info: DataInfo) -> dict[str, Any]:
 
 def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> ClassifierModule:
     spec = net_spec(cfg.model, datamodule.info)
-    return ClassifierModule(
+    module = ClassifierModule(
         build_net(spec),
         net_spec=spec,
         optimizer=cfg.optim.optimizer,
@@ -44,3 +44,6 @@ def build_module(cfg: TrainConfig, datamodule: ClassificationDataModule) -> Clas
         warmup_epochs=cfg.optim.warmup_epochs,
         channels_last=cfg.trainer.channels_last,
     )
+    if cfg.trainer.compile:
+        module.compile_network()
+    return module

@@ -100,6 +100,9 @@ class TrainerConfig:
     deterministic: bool = True
     # NHWC weights and batches: faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
     channels_last: bool = False
+    # Run the network through torch.compile (Inductor): compiled at the first batches of each
+    # shape and mode, faster after that. Checkpoints and logged models are the same either way.
+    compile: bool = False
     # Lightning's own: clip gradients to this norm (null: no clipping); sum the gradients of
     # this many batches before each optimiser step.
     gradient_clip_val: float | None = None

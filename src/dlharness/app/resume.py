@@ -44,6 +44,7 @@ SAFE_ON_RESUME = frozenset(
         "trainer.strategy",
         "trainer.num_nodes",
         "trainer.channels_last",
+        "trainer.compile",
         "data.data_dir",
         "data.on_device",
         "data.download",

@@ -140,6 +140,9 @@ def build_trainer(cfg: TrainConfig, accelerator: str, callbacks: list[Callback])
         precision=cfg.trainer.precision,
         # "warn": deterministic kernels wherever they exist; CUDA ops without one only warn.
         deterministic="warn" if cfg.trainer.deterministic else False,
+        # cuDNN times its convolution algorithms once per input shape and keeps the fastest;
+        # the choice can differ between runs, so only where determinism is not asked for.
+        benchmark=not cfg.trainer.deterministic,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         # MLflow is the logger (autolog + MlflowTracking); Lightning's own would log by step.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -82,8 +83,21 @@ class ClassifierModule(L.LightningModule):
         # Sample-weighted means over the epoch (across processes under DDP).
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self._train_logged_epoch: int | None = None
+        self._compiled_net: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def compile_network(self, **options: Any) -> None:
+        """Run the network through `torch.compile(**options)` from now on.
+
+        The compiled callable is kept beside `net`, not registered as a submodule (as
+        `torch.compile(net)` would be), so the weights, their `state_dict` keys, checkpoints
+        and the logged `net` are the same as without it. The metrics and Lightning's hooks stay
+        uncompiled: the network is where the time goes.
+        """
+        self._compiled_net = torch.compile(self.net.__call__, **options)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled_net is not None:
+            return self._compiled_net(x)
         return self.net(x)
 
     def _shared_step(
