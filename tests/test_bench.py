@@ -13,6 +13,7 @@ from .conftest import bench_module
 
 bench = bench_module("tracking_cost")
 VARIANTS, Workload, main, measure = bench.VARIANTS, bench.Workload, bench.main, bench.measure
+BUDGETS = bench.BUDGETS
 
 
 def test_benchmark_smoke(tmp_path):
@@ -33,7 +34,12 @@ def test_benchmark_smoke(tmp_path):
     assert {"cpu", "cores", "torch", "lightning", "mlflow"} <= set(results["cpu"]["machine"])
     workload = results["cpu"]["workloads"]["digits"]
     for variant, label in VARIANTS.items():
-        assert workload[f"{variant}_{label}"]["fit_s"]["median"] > 0
+        row = workload[f"{variant}_{label}"]
+        assert row["fit_s"]["median"] > 0
+        # One epoch: its steady rate is its own.
+        assert row["steady_epoch_s"]["median"] == row["first_epoch_s"]["median"] > 0
+        assert row["steady_images_per_s"]["median"] > 0
+        assert "steady_mfu" not in row  # a CPU has no bf16 tensor-core peak to compare with
     tracking = workload["c_dlharness"]
     assert {
         "per_epoch_ms/metric_logging",
@@ -61,14 +67,31 @@ def test_benchmark_refuses_unknown_workloads(capsys):
 
 
 def test_benchmark_gpu_options_run_on_the_cpu():
-    """The heavy workload's synthetic images through resnet18, with NHWC and the data held on
-    the device (GPU workload options), on the CPU; bf16 is 20× slower than float32 on this
-    CPU, so float32."""
-    work = Workload("options", 1, 60, "resnet18", 8, 32, "32", True, True)
+    """The heavy workload's synthetic images through resnet18, with NHWC, the data held on
+    the device and determinism off (GPU workload options), on the CPU; bf16 is 20× slower
+    than float32 on this CPU, so float32. Two epochs: a steady one after the first."""
+    work = Workload("options", 2, 60, "resnet18", 8, 32, "32", True, True, deterministic=False)
     result = measure(work, "abc", repeats=1, device="cpu", in_process=True)
     for variant in ("a_plain_pytorch", "b_bare_lightning", "c_dlharness"):
-        assert result[variant]["images_per_s"]["median"] > 0
+        assert result[variant]["steady_images_per_s"]["median"] > 0
     assert result["ratio_c_over_b"] > 0
+    assert result["paired_steady_ratio_c_over_b"]["median"] > 0
+
+
+def test_gpu_fast_path_workload_compiles_and_lets_cudnn_choose():
+    fast = bench.workloads("gpu", None, None)["gpu_fast"]
+    assert (fast.compile, fast.deterministic, fast.data_on_device) == (True, False, True)
+    assert (fast.precision, fast.channels_last) == ("bf16-mixed", True)
+    assert set(BUDGETS["gpu_fast"]) == {"steady_ratio_c_over_b", "steady_images_per_s_c"}
+
+
+def test_forward_flops_match_resnet18s_known_cost(tmp_path):
+    """The MFU's numerator: torch's counter on the harness's network, checked on resnet18's
+    known cost (0.56 GFLOPs of multiply-adds at 32×32 with the small-image stem)."""
+    cfg = bench.build_config(
+        Workload("flops", 1, 60, "resnet18", 64, 32), tmp_path, tmp_path, "cpu"
+    )
+    assert 2 * 0.55e9 < bench.forward_flops_per_image(cfg) < 2 * 0.57e9
 
 
 @pytest.mark.slow
@@ -79,3 +102,19 @@ def test_sweep_overhead_benchmark_measures_the_gap_between_trials(tmp_path):
     assert len(gap["each"]) == 1
     assert 0 < gap["median"] < report["sweep_wall_s"]
     assert report["training_s_per_trial_median"] > 0
+
+
+def test_epoch_profile_splits_the_wall_time(tmp_path, capsys):
+    """The GPU profile's script, on the CPU: the host's split only, which adds up."""
+    profile = bench_module("gpu_profile")
+    assert profile.union_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.8)]) == 4
+    out = tmp_path / "profile.json"
+    argv = ["--device", "cpu", "--workload", "digits", "--epochs", "2", "--variant", "b"]
+    assert profile.main([*argv, "--out", str(out)]) == 0
+    split = json.loads(out.read_text())
+    assert split["epoch"] == 1 and split["wall_s"] > 0
+    # The training thread's ops lie within the profiled epoch.
+    assert 0 < split["host_in_torch_ops_s"] <= split["wall_s"]
+    assert "gpu_busy_s" not in split
+    assert "aten::convolution_backward" in split["top_host_ops_self_ms"]
+    assert "digits (b), epoch 1: CPU run" in capsys.readouterr().out

@@ -87,3 +87,23 @@ def test_gpu_checkpoint_resumes_on_the_gpu_and_on_a_machine_without_one(store, t
     assert run.info.status == "FINISHED"
     assert run.data.tags["dlharness.resumed_with.trainer.accelerator"] == "cpu"
     assert val_loss_steps(client, first.run_id) == [0, 1, 2, 3]
+
+
+def test_compiled_gpu_fast_path_trains_with_cudnn_choosing(store):
+    """`--compile` on the GPU (Triton kernels) with determinism off, the fast path of
+    `scripts/bench.py`'s gpu_fast: it trains, and what it stores is the plain network's."""
+    quiet = {"tracking.system_metrics": False, "tracker.onnx": False}
+    fast = {"trainer.compile": True, "trainer.deterministic": False}
+    result = train(tiny_config(store, **FAST_PATH, **quiet, **fast))
+    client = MlflowClient(store)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.compile"] == "True"
+    assert torch.backends.cudnn.benchmark
+    history = sorted(
+        (m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val/loss")
+    )
+    assert [step for step, _ in history] == [0, 1]
+    assert history[1][1] < history[0][1]  # it learns
+    logged = mlflow.pytorch.load_model(result.model_uri, map_location="cpu")
+    assert type(logged) is type(result.module.net)
