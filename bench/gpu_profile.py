@@ -46,7 +46,8 @@ def union_seconds(intervals: list[tuple[float, float]]) -> float:
 
 
 def epoch_profiler(epoch: int, device: str):
-    """A Lightning callback that profiles training epoch `epoch` (with its validation)."""
+    """A Lightning callback that profiles training epoch `epoch`, its validation and every
+    callback's work at its end."""
     import lightning as L
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -61,23 +62,29 @@ def epoch_profiler(epoch: int, device: str):
         return time.perf_counter()
 
     class EpochProfiler(L.Callback):
+        # Until the next epoch starts (or training ends), not `on_train_epoch_end`: Lightning
+        # calls the Checkpoint callbacks' (MlflowTracking's) after every other callback's.
         def __init__(self) -> None:
             self.profile: Any = None
             self.wall_s = 0.0
-            self._started = 0.0
+            self._started: float | None = None
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch != epoch:
-                return
-            self.profile = profile(activities=activities)
-            self.profile.__enter__()
-            self._started = now()
+            self._stop()
+            if trainer.current_epoch == epoch:
+                self.profile = profile(activities=activities)
+                self.profile.__enter__()
+                self._started = now()
 
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            if trainer.current_epoch != epoch or self.profile is None:
+        def on_train_end(self, trainer, pl_module) -> None:
+            self._stop()
+
+        def _stop(self) -> None:
+            if self._started is None:
                 return
             self.wall_s = now() - self._started
             self.profile.__exit__(None, None, None)
+            self._started = None
 
     return EpochProfiler()
 

@@ -265,8 +265,10 @@ def steady(cfg, work: Workload, epoch_s: Sequence[float]) -> dict[str, float]:
 
 
 def epoch_clock(device: str):
-    """A Lightning callback that times each training epoch with its validation (Lightning
-    validates before `on_train_epoch_end`), waiting for the GPU at both ends."""
+    """A Lightning callback that times each training epoch from its start to the next one's
+    (the last: to the end of training), waiting for the GPU at each. So an epoch holds its
+    validation and every callback's epoch-end work, also that of the `Checkpoint` callbacks
+    (MlflowTracking is one), which Lightning calls after all others."""
     import lightning as L
     import torch
 
@@ -278,13 +280,20 @@ def epoch_clock(device: str):
     class EpochClock(L.Callback):
         def __init__(self) -> None:
             self.epoch_s: list[float] = []
-            self.started = 0.0
+            self.started: float | None = None
+
+        def _lap(self) -> None:
+            moment = now()
+            if self.started is not None:
+                self.epoch_s.append(moment - self.started)
+            self.started = moment
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.started = now()
+            self._lap()
 
-        def on_train_epoch_end(self, trainer, pl_module) -> None:
-            self.epoch_s.append(now() - self.started)
+        def on_train_end(self, trainer, pl_module) -> None:
+            self._lap()
+            self.started = None
 
     return EpochClock()
 
