@@ -102,8 +102,13 @@ def split_epoch(profiled: Any, wall_s: float) -> dict[str, Any]:
     ops = [e for e in top_level if e.thread == training_thread]
     in_ops_s = union_seconds([(e.time_range.start, e.time_range.end) for e in ops]) / 1e6
     launch_s = sum(e.self_cpu_time_total for e in host_events if e.name.startswith("cuda")) / 1e6
+    names = Counter(e.name for e in events)
     split: dict[str, Any] = {
         "wall_s": wall_s,
+        # The host waiting for the device: values read back (`.item()`, `if tensor:`; on a
+        # CPU tensor these cost nothing) and explicit synchronisations.
+        "value_reads": names["aten::_local_scalar_dense"],
+        "host_syncs": sum(n for name, n in names.items() if name.endswith("Synchronize")),
         "host_in_torch_ops_s": in_ops_s,
         "host_outside_ops_s": max(0.0, wall_s - in_ops_s),
         "host_cuda_api_s": launch_s,

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import traceback
+
 import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import SmallCNN, build_net
@@ -109,3 +112,72 @@ def test_every_fit_of_a_module_reports_its_epoch_metrics(tmp_path):
         )  # fmt: skip
         trainer.fit(module, datamodule=datamodule)
         assert expected | {"train/lr"} <= set(trainer.callback_metrics)
+
+
+class _DeviceReads(TorchDispatchMode):
+    """Counts ops that make the host wait for a device's result (a value read back, an output
+    whose size depends on the data) issued from dlharness's per-batch code."""
+
+    PER_BATCH = frozenset(
+        ("_shared_step", "on_train_batch_start", "on_train_batch_end", "on_validation_batch_end")
+    )
+    READS = ("_local_scalar_dense", "nonzero", "unique")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if any(read in str(func) for read in self.READS):
+            stack = traceback.extract_stack()
+            ours = [f for f in stack if "dlharness" in f.filename and f.name in self.PER_BATCH]
+            # torchmetrics tests logits against [0, 1] on the host for CPU tensors only; on a
+            # device it keeps the test on the device (`torch.where`).
+            cpu_only = any(f.name == "normalize_logits_if_needed" for f in stack)
+            if ours and not cpu_only:
+                self.found.append(
+                    f"{func} in {ours[-1].name} ({stack[-2].filename}:{stack[-2].lineno})"
+                )
+        return func(*args, **(kwargs or {}))
+
+
+class _WatchEpoch(L.Callback):
+    def __init__(self, reads: _DeviceReads) -> None:
+        self.reads = reads
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.reads.__enter__()
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self.reads.__exit__(None, None, None)
+
+
+def test_batches_never_wait_for_the_device(tmp_path):
+    """No training or validation batch of the module or of MlflowTracking reads a value back
+    from the device (on a GPU each read stops the host from queueing the next batch): the
+    metrics skip torchmetrics' input checks and the losses' NaN test."""
+    from dlharness import MlflowTracking
+    from dlharness.app.components import build_datamodule, build_module
+    from dlharness.app.config import load_config
+
+    cfg = load_config(None, {"model.width": 8, "data.batch_size": 128})
+    datamodule = build_datamodule(cfg.data, cfg.seed)
+    reads = _DeviceReads()
+    tracking = MlflowTracking(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", system_metrics=False
+    )
+    trainer = L.Trainer(
+        max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+        callbacks=[_WatchEpoch(reads), tracking], default_root_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit(build_module(cfg, datamodule), datamodule=datamodule)
+    assert reads.found == []
+
+
+def test_a_nan_loss_shows_in_the_epoch_mean():
+    """A diverged batch makes the epoch's loss NaN rather than being dropped from it."""
+    module = ClassifierModule(build_net(spec()), net_spec=spec())
+    module.train_loss.update(torch.tensor(float("nan")), weight=64)
+    module.train_loss.update(torch.tensor(0.5), weight=64)
+    assert torch.isnan(module.train_loss.compute())

@@ -25,8 +25,14 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 
 def classification_metrics(num_classes: int, sync_on_compute: bool = True) -> MetricCollection:
-    """The metrics of every stage; `sync_on_compute=False` for one process's own evaluation."""
-    options = {"sync_on_compute": sync_on_compute}
+    """The metrics of every stage; `sync_on_compute=False` for one process's own evaluation.
+
+    Without torchmetrics' input checks (`validate_args`): they count the distinct labels of
+    every batch, which on a GPU makes the host wait for the batch to finish before it can
+    queue the next. The predictions are softmax outputs and the labels those `cross_entropy`
+    has just accepted, so the checks could not fail.
+    """
+    options = {"sync_on_compute": sync_on_compute, "validate_args": False}
     return MetricCollection(
         {
             "acc": MulticlassAccuracy(num_classes, average="micro", **options),
@@ -80,8 +86,12 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # Sample-weighted means over the epoch (across processes under DDP).
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # Sample-weighted means over the epoch (across processes under DDP). A NaN loss makes
+        # the epoch's mean NaN, where the default would drop it with a warning; checking for
+        # one reads a value back from the device every batch.
+        self.train_loss, self.val_loss, self.test_loss = (
+            MeanMetric(nan_strategy="disable") for _ in range(3)
+        )
         self._train_logged_epoch: int | None = None
         self._compiled_net: Callable[[torch.Tensor], torch.Tensor] | None = None
 

@@ -49,7 +49,10 @@ class ValidationConfusion:
         if count is None:
             return False
         if self._metric is None:
-            self._metric = MulticlassConfusionMatrix(num_classes=count).to(preds.device)
+            # No input checks: they count each batch's distinct labels, which on a GPU waits
+            # for the batch to finish. Out-of-range labels fail in the module's own loss first.
+            metric = MulticlassConfusionMatrix(num_classes=count, validate_args=False)
+            self._metric = metric.to(preds.device)
         self._metric.update(preds, target.detach())
         return True
 
