@@ -16,7 +16,6 @@ import importlib.util
 import json
 import sys
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,12 +24,14 @@ from typing import Any
 
 
 def _tracking_cost() -> ModuleType:
-    """bench/tracking_cost.py, this script's neighbour (bench/ is not a package)."""
-    path = Path(__file__).with_name("tracking_cost.py")
-    spec = importlib.util.spec_from_file_location("tracking_cost", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("tracking_cost", module)  # its dataclasses look it up
-    spec.loader.exec_module(module)
+    """bench/tracking_cost.py, this script's neighbour (bench/ is not a package), imported
+    once: its dataclasses must be the same wherever they are used."""
+    if "tracking_cost" not in sys.modules:
+        path = Path(__file__).with_name("tracking_cost.py")
+        spec = importlib.util.spec_from_file_location("tracking_cost", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["tracking_cost"] = module  # dataclasses look their module up
+        spec.loader.exec_module(module)
     return sys.modules["tracking_cost"]
 
 
@@ -49,17 +50,12 @@ def epoch_profiler(epoch: int, device: str):
     """A Lightning callback that profiles training epoch `epoch`, its validation and every
     callback's work at its end."""
     import lightning as L
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if device == "gpu":
         activities.append(ProfilerActivity.CUDA)
-
-    def now() -> float:
-        if device == "gpu":
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    device_clock = _tracking_cost().device_clock
 
     class EpochProfiler(L.Callback):
         # Until the next epoch starts (or training ends), not `on_train_epoch_end`: Lightning
@@ -74,7 +70,7 @@ def epoch_profiler(epoch: int, device: str):
             if trainer.current_epoch == epoch:
                 self.profile = profile(activities=activities)
                 self.profile.__enter__()
-                self._started = now()
+                self._started = device_clock(device)
 
         def on_train_end(self, trainer, pl_module) -> None:
             self._stop()
@@ -82,7 +78,7 @@ def epoch_profiler(epoch: int, device: str):
         def _stop(self) -> None:
             if self._started is None:
                 return
-            self.wall_s = now() - self._started
+            self.wall_s = device_clock(device) - self._started
             self.profile.__exit__(None, None, None)
             self._started = None
 

@@ -264,18 +264,21 @@ def steady(cfg, work: Workload, epoch_s: Sequence[float]) -> dict[str, float]:
     return measured
 
 
+def device_clock(device: str) -> float:
+    """`time.perf_counter()` once the GPU (on a GPU run) has done all it was given."""
+    if device == "gpu":
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def epoch_clock(device: str):
     """A Lightning callback that times each training epoch from its start to the next one's
     (the last: to the end of training), waiting for the GPU at each. So an epoch holds its
     validation and every callback's epoch-end work, also that of the `Checkpoint` callbacks
     (MlflowTracking is one), which Lightning calls after all others."""
     import lightning as L
-    import torch
-
-    def now() -> float:
-        if device == "gpu":
-            torch.cuda.synchronize()
-        return time.perf_counter()
 
     class EpochClock(L.Callback):
         def __init__(self) -> None:
@@ -283,7 +286,7 @@ def epoch_clock(device: str):
             self.started: float | None = None
 
         def _lap(self) -> None:
-            moment = now()
+            moment = device_clock(device)
             if self.started is not None:
                 self.epoch_s.append(moment - self.started)
             self.started = moment
