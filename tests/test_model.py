@@ -175,9 +175,13 @@ def test_batches_never_wait_for_the_device(tmp_path):
     assert reads.found == []
 
 
-def test_a_nan_loss_shows_in_the_epoch_mean():
-    """A diverged batch makes the epoch's loss NaN rather than being dropped from it."""
+def test_epoch_loss_weighs_each_batch_by_its_samples_and_shows_a_nan():
+    """The epoch's loss is the mean over samples (a short last batch counts for less), and a
+    diverged batch makes it NaN rather than being dropped from it."""
     module = ClassifierModule(build_net(spec()), net_spec=spec())
-    module.train_loss.update(torch.tensor(float("nan")), weight=64)
-    module.train_loss.update(torch.tensor(0.5), weight=64)
-    assert torch.isnan(module.train_loss.compute())
+    module.train_loss.update(torch.tensor(1.0), weight=3)
+    module.train_loss.update(torch.tensor(3.0), weight=1)
+    assert module.train_loss.compute().item() == 1.5
+    module.val_loss.update(torch.tensor(float("nan")), weight=64)
+    module.val_loss.update(torch.tensor(0.5), weight=64)
+    assert torch.isnan(module.val_loss.compute())

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
     MulticlassAUROC,
@@ -42,6 +42,29 @@ def classification_metrics(num_classes: int, sync_on_compute: bool = True) -> Me
             "auroc": MulticlassAUROC(num_classes, average="macro", **options),
         }
     )
+
+
+class SampleMean(Metric):
+    """The epoch's mean of a per-batch mean, each batch weighted by its sample count.
+
+    torchmetrics' `MeanMetric` does the same but tests every batch for NaN, which reads a
+    value back from the device, and with that test turned off it drops the weights
+    (torchmetrics 1.9). A NaN here makes the epoch's mean NaN, as a diverged loss should.
+    """
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, value: torch.Tensor, weight: int) -> None:
+        self.total += value.detach().float() * weight
+        self.count += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.count
 
 
 class ClassifierModule(L.LightningModule):
@@ -86,12 +109,8 @@ class ClassifierModule(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
-        # Sample-weighted means over the epoch (across processes under DDP). A NaN loss makes
-        # the epoch's mean NaN, where the default would drop it with a warning; checking for
-        # one reads a value back from the device every batch.
-        self.train_loss, self.val_loss, self.test_loss = (
-            MeanMetric(nan_strategy="disable") for _ in range(3)
-        )
+        # Sample-weighted means over the epoch (across processes under DDP).
+        self.train_loss, self.val_loss, self.test_loss = SampleMean(), SampleMean(), SampleMean()
         self._train_logged_epoch: int | None = None
         self._compiled_net: Callable[[torch.Tensor], torch.Tensor] | None = None
 
