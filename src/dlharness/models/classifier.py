@@ -29,8 +29,8 @@ def classification_metrics(num_classes: int, sync_on_compute: bool = True) -> Me
 
     Without torchmetrics' input checks (`validate_args`): they count the distinct labels of
     every batch, which on a GPU makes the host wait for the batch to finish before it can
-    queue the next. The predictions are softmax outputs and the labels those `cross_entropy`
-    has just accepted, so the checks could not fail.
+    queue the next. The predictions are softmax outputs, and a label out of range already
+    fails in the same step's `cross_entropy`.
     """
     options = {"sync_on_compute": sync_on_compute, "validate_args": False}
     return MetricCollection(
