@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, for a machine with a CUDA GPU, in order of what matters most within one
 # 10-minute run: the GPU tests, a profile of where an epoch's time goes, the fast path's
-# benchmark (compiled, bf16, NHWC, data on the device: images/s and MFU), then the earlier
+# benchmark (compiled, bf16, NHWC, data on the device: images/s and MFU) and profile, then the earlier
 # workload for comparison. Each step gets what is left of DEADLINE_S (default 590 s); steps
 # can be picked: `bash scripts/gpu_check.sh tests profile fast baseline` (default: all four).
 # Logs and the merged bench/results.json go to $OUT (default gpu-check/). A machine whose
@@ -63,6 +63,9 @@ for name in "${STEPS[@]}"; do
     fast)
         step 330 bench-fast.log "$PYTHON" bench/tracking_cost.py --device gpu --repeats 2 \
             --variants abc --workloads gpu_fast
+        # After the benchmark, whose compilations Inductor's cache keeps for this one.
+        step 90 profile-fast.log "$PYTHON" bench/gpu_profile.py --workload gpu_fast --variant c \
+            --epochs 3 --out "$OUT/profile-fast.json"
         ;;
     baseline)
         step 200 bench-on-device.log "$PYTHON" bench/tracking_cost.py --device gpu --repeats 2 \
