@@ -84,9 +84,9 @@ def workloads(device: str, epochs: int | None, samples: int | None) -> dict[str,
                 "gpu_heavy_data_on_device", epochs or 5, samples or 20_000, *heavy, True
             ),
             # The fast path: the same network and data held on the device, compiled, cuDNN
-            # free to pick, batches of 1024 (at 256, 2026-11-26's 11 000 images/s were bound by
-            # per-batch host work, b/a 1.4-1.5). Four
-            # epochs: the first compiles, the other three give the steady rate.
+            # free to pick, batches of 1024 (at 256, 2026-11-26's 11 000 images/s were bound
+            # by per-batch host work, b/a 1.4-1.5). Four epochs: the first compiles, the other
+            # three give the steady rate.
             "gpu_fast": Workload(
                 "gpu_fast",
                 epochs or 4,
@@ -219,19 +219,19 @@ def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
             torch.cuda.synchronize()
         epoch_s.append(time.perf_counter() - epoch_start)
     seconds = time.perf_counter() - start
-    return {"fit_s": seconds, "images_per_s": images / seconds, **steady(cfg, work, epoch_s)}
+    measured = steady(cfg, work, epoch_s, dm)
+    return {"fit_s": seconds, "images_per_s": images / seconds, **measured}
 
 
-def forward_flops_per_image(cfg) -> float:
-    """FLOPs of one image through the network's forward (torch's counter: 2 per multiply-add
-    of convolutions and matrix products), on the CPU."""
+def forward_flops_per_image(cfg, info) -> float:
+    """FLOPs of one image of the data set `info` describes through the network's forward
+    (torch's counter: 2 per multiply-add of convolutions and matrix products), on the CPU."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dlharness.app.components import build_datamodule, net_spec
+    from dlharness.app.components import net_spec
     from dlharness.models.nets import build_net
 
-    info = build_datamodule(cfg.data, cfg.seed).info
     net = build_net(net_spec(cfg.model, info)).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
@@ -239,17 +239,15 @@ def forward_flops_per_image(cfg) -> float:
     return float(counter.get_total_flops())
 
 
-def steady(cfg, work: Workload, epoch_s: Sequence[float]) -> dict[str, float]:
+def steady(cfg, work: Workload, epoch_s: Sequence[float], dm) -> dict[str, float]:
     """The rate once warm: the median epoch (training and validation) after the first, which
     also compiles; model FLOP utilisation where the GPU's bf16 peak is known (a training
     image costs 3 forwards: forward and a backward of twice its work; validation 1)."""
     import torch
 
-    from dlharness.app.components import build_datamodule
-
     later = list(epoch_s[1:]) or list(epoch_s)
     epoch = statistics.median(later)
-    sizes = build_datamodule(cfg.data, cfg.seed).split_sizes()
+    sizes = dm.split_sizes()
     measured = {
         "first_epoch_s": epoch_s[0],
         "steady_epoch_s": epoch,
@@ -259,7 +257,7 @@ def steady(cfg, work: Workload, epoch_s: Sequence[float]) -> dict[str, float]:
         name = torch.cuda.get_device_name(0)
         peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
         if peak is not None:
-            flops = forward_flops_per_image(cfg) * (3 * sizes["train"] + sizes["val"])
+            flops = forward_flops_per_image(cfg, dm.info) * (3 * sizes["train"] + sizes["val"])
             measured["steady_mfu"] = flops / epoch / peak
     return measured
 
@@ -351,7 +349,7 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
     return {
         "fit_s": seconds,
         "images_per_s": images / seconds,
-        **steady(cfg, work, clock.epoch_s),
+        **steady(cfg, work, clock.epoch_s, dm),
     }
 
 
@@ -382,11 +380,12 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
     }
     from dlharness.app.components import build_datamodule
 
-    images = build_datamodule(cfg.data, cfg.seed).split_sizes()["train"] * epochs
+    dm = build_datamodule(cfg.data, cfg.seed)
+    images = dm.split_sizes()["train"] * epochs
     return {
         "fit_s": t["fit"],
         "images_per_s": images / t["fit"],
-        **steady(cfg, work, clock.epoch_s),
+        **steady(cfg, work, clock.epoch_s, dm),
         **{f"per_epoch_ms/{k}": 1000 * v / epochs for k, v in per_epoch_ms.items()},
         "once_s/run_context": sum(
             v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import importlib.util
 import multiprocessing.util
@@ -209,6 +210,14 @@ class AfterStoredCheckpoint(L.Callback):
         while not any(self.artifacts.glob(record)) and time.monotonic() < deadline:
             time.sleep(0.01)
         self.act()
+
+
+def cli_trains_with(monkeypatch: pytest.MonkeyPatch, *callbacks: L.Callback) -> None:
+    """The CLI's `train()` (`dlharness.app.cli.main`) gets `callbacks` beside its own."""
+    import dlharness.app.train as train_module
+
+    trains = functools.partial(train_module.train, callbacks=list(callbacks))
+    monkeypatch.setattr(train_module, "train", trains)
 
 
 def cli_env(**extra: str) -> dict[str, str]:

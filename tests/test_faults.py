@@ -4,7 +4,6 @@ read-only mid-run. Training stops with one line, the run ends FAILED, nothing st
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sqlite3
 import subprocess
@@ -14,12 +13,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app import train as train_module
 from dlharness.app.cli import main
-from dlharness.app.train import train
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
-from .conftest import AfterStoredCheckpoint, empty_store
+from .conftest import AfterStoredCheckpoint, cli_trains_with, empty_store
 
 FAULT_YAML = """
 data: {batch_size: 64}
@@ -98,7 +95,7 @@ def test_artifact_disk_turning_read_only_stops_training_and_fails_the_run(
 
         # Read-only once epoch 1's checkpoint is stored, before epoch 2 trains.
         fault = AfterStoredCheckpoint(artifacts, 2, remount_read_only)
-        monkeypatch.setattr(train_module, "train", functools.partial(train, callbacks=[fault]))
+        cli_trains_with(monkeypatch, fault)
         code = main(["--config", str(config), "--tracking-uri", uri])
         err = capsys.readouterr().err
         assert code == 1

@@ -3,7 +3,6 @@ and `dlharness-sync` after a restart gives the run exactly what an uninterrupted
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import signal
@@ -18,7 +17,6 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness import MlflowTracking
-from dlharness.app import train as train_module
 from dlharness.app.cli import main as train_main
 from dlharness.app.config import load_config
 from dlharness.app.server import (
@@ -33,7 +31,13 @@ from dlharness.app.train import train
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.tracking.spool import SpoolWarning
 
-from .conftest import AfterStoredCheckpoint, artifact_paths, empty_store, epoch_histories
+from .conftest import (
+    AfterStoredCheckpoint,
+    artifact_paths,
+    cli_trains_with,
+    empty_store,
+    epoch_histories,
+)
 
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")
 OUTAGE_YAML = """
@@ -84,7 +88,7 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
 
     # Killed once epoch 2's checkpoint is stored, before epoch 3 trains.
     outage = AfterStoredCheckpoint(tmp_path / "artifacts", 3, kill_server)
-    monkeypatch.setattr(train_module, "train", functools.partial(train, callbacks=[outage]))
+    cli_trains_with(monkeypatch, outage)
     capsys.readouterr()
     code = train_main(["--config", str(config), "--tracking-uri", url])
     captured = capsys.readouterr()
