@@ -135,9 +135,9 @@ class _DeviceReads(TorchDispatchMode):
             # device it keeps the test on the device (`torch.where`).
             cpu_only = any(f.name == "normalize_logits_if_needed" for f in stack)
             if ours and not cpu_only:
-                self.found.append(
-                    f"{func} in {ours[-1].name} ({stack[-2].filename}:{stack[-2].lineno})"
-                )
+                # The line that asked, not torch's own frames below it.
+                caller = [f for f in stack[:-1] if "site-packages/torch/" not in f.filename][-1]
+                self.found.append(f"{func} in {ours[-1].name} ({caller.filename}:{caller.lineno})")
         return func(*args, **(kwargs or {}))
 
 
