@@ -55,10 +55,24 @@ def test_benchmark_smoke(tmp_path):
     paired = workload["paired_ratio_c_over_b"]
     assert len(paired["rounds"]) == workload["repeats"]
     assert paired["min"] <= paired["median"] <= paired["max"]
+    assert paired["ci95"] == [paired["median"], paired["median"]]  # one round: no spread
     assert results["digits.paired_ratio_c_over_b"] == paired["median"] > 0
     for ratio in ("ratio_c_over_b", "ratio_b_over_a", "ratio_d_over_b"):
         assert results[f"digits.{ratio}"] == workload[ratio] > 0
     assert set(workload["within_budget"]) == {"ratio_c_over_b", "ratio_b_over_a", "end_of_run_s"}
+
+
+def test_median_interval_narrows_with_more_rounds_and_holds_the_median():
+    """Seven rounds of a ratio near 1.08 with the spread of this VM's digits runs, then the
+    same spread over 21 rounds: the interval holds the median, lies inside min–max, and is
+    narrower for more rounds (where min–max only widens)."""
+    seven = [1.02, 1.05, 1.07, 1.08, 1.10, 1.14, 1.31]
+    low, high = bench.median_interval(seven)
+    assert min(seven) <= low <= 1.08 <= high <= max(seven)
+    assert bench.median_interval(seven) == (low, high)  # seeded
+    low21, high21 = bench.median_interval(seven * 3)
+    assert low21 <= 1.08 <= high21
+    assert high21 - low21 < high - low
 
 
 def test_benchmark_refuses_unknown_workloads(capsys):
