@@ -187,12 +187,12 @@ def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
         target.type, dtype=torch.bfloat16, enabled=work.precision == "bf16-mixed"
     )
     images = 0
-    epoch_s = []
+    epoch_s, cpu_s = [], []
     start = time.perf_counter()
     # Inside the timed part, as Lightning makes its loaders inside `fit`.
     train_loader, val_loader = dm.train_dataloader(), dm.val_dataloader()
     for _ in range(epochs):
-        epoch_start = time.perf_counter()
+        epoch_start, cpu_start = time.perf_counter(), time.process_time()
         net.train()
         for x, y in train_loader:
             x = x.to(target, non_blocking=True, memory_format=memory_format)
@@ -218,8 +218,9 @@ def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
         if target.type == "cuda":
             torch.cuda.synchronize()
         epoch_s.append(time.perf_counter() - epoch_start)
+        cpu_s.append(time.process_time() - cpu_start)
     seconds = time.perf_counter() - start
-    measured = steady(cfg, work, epoch_s, dm)
+    measured = steady(cfg, work, epoch_s, cpu_s, dm)
     return {"fit_s": seconds, "images_per_s": images / seconds, **measured}
 
 
@@ -239,10 +240,14 @@ def forward_flops_per_image(cfg, info) -> float:
     return float(counter.get_total_flops())
 
 
-def steady(cfg, work: Workload, epoch_s: Sequence[float], dm) -> dict[str, float]:
+def steady(
+    cfg, work: Workload, epoch_s: Sequence[float], cpu_s: Sequence[float], dm
+) -> dict[str, float]:
     """The rate once warm: the median epoch (training and validation) after the first, which
     also compiles; model FLOP utilisation where the GPU's bf16 peak is known (a training
-    image costs 3 forwards: forward and a backward of twice its work; validation 1)."""
+    image costs 3 forwards: forward and a backward of twice its work; validation 1); and the
+    cores the process kept busy over its epochs (CPU seconds of all its threads, spinning
+    OpenMP threads included, per second): 2 on a 2-core machine leaves tracking no idle core."""
     import torch
 
     later = list(epoch_s[1:]) or list(epoch_s)
@@ -252,6 +257,7 @@ def steady(cfg, work: Workload, epoch_s: Sequence[float], dm) -> dict[str, float
         "first_epoch_s": epoch_s[0],
         "steady_epoch_s": epoch,
         "steady_images_per_s": sizes["train"] / epoch,
+        "cores_busy": sum(cpu_s) / sum(epoch_s),
     }
     if cfg.trainer.accelerator == "gpu" and work.precision == "bf16-mixed":
         name = torch.cuda.get_device_name(0)
@@ -281,13 +287,16 @@ def epoch_clock(device: str):
     class EpochClock(L.Callback):
         def __init__(self) -> None:
             self.epoch_s: list[float] = []
+            self.cpu_s: list[float] = []
             self.started: float | None = None
+            self.cpu_started = 0.0
 
         def _lap(self) -> None:
-            moment = device_clock(device)
+            moment, cpu = device_clock(device), time.process_time()
             if self.started is not None:
                 self.epoch_s.append(moment - self.started)
-            self.started = moment
+                self.cpu_s.append(cpu - self.cpu_started)
+            self.started, self.cpu_started = moment, cpu
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             self._lap()
@@ -349,7 +358,7 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
     return {
         "fit_s": seconds,
         "images_per_s": images / seconds,
-        **steady(cfg, work, clock.epoch_s, dm),
+        **steady(cfg, work, clock.epoch_s, clock.cpu_s, dm),
     }
 
 
@@ -385,7 +394,7 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
     return {
         "fit_s": t["fit"],
         "images_per_s": images / t["fit"],
-        **steady(cfg, work, clock.epoch_s, dm),
+        **steady(cfg, work, clock.epoch_s, clock.cpu_s, dm),
         **{f"per_epoch_ms/{k}": 1000 * v / epochs for k, v in per_epoch_ms.items()},
         "once_s/run_context": sum(
             v
@@ -554,7 +563,10 @@ def print_report(results: dict[str, Any]) -> None:
         epochs, repeats = result["workload"]["epochs"], result["repeats"]
         title = f"{name}: {epochs} epochs, {repeats} runs each (median [min–max])"
         table = Table(title=escape(title))  # brackets are rich markup otherwise
-        columns = ("variant", "fit s", "first epoch s", "steady images/s", "MFU", "peak RSS MB")
+        columns = (
+            *("variant", "fit s", "first epoch s", "steady images/s", "MFU", "cores busy"),
+            "peak RSS MB",
+        )
         for column in columns:
             table.add_column(column, justify="right")
         for variant, label in VARIANTS.items():
@@ -569,6 +581,7 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{row['first_epoch_s']['median']:.2f}",
                 f"{rate['median']:.0f} [{rate['min']:.0f}–{rate['max']:.0f}]",
                 mfu,
+                f"{row['cores_busy']['median']:.2f}",
                 f"{row['peak_rss_mb']['median']:.0f}",
             )
         console.print(table)
@@ -607,8 +620,10 @@ def print_report(results: dict[str, Any]) -> None:
             sure = ""
             if f"paired_{check}" in result:
                 low, high = result[f"paired_{check}"]["ci95"]
-                sure = ", so is its 95 % interval" if (high <= limit if ok else low > limit) else (
-                    ", but its 95 % interval straddles the budget"
+                sure = (
+                    ", so is its 95 % interval"
+                    if (high <= limit if ok else low > limit)
+                    else (", but its 95 % interval straddles the budget")
                 )
             console.print(f"  {check}: {'within' if ok else 'OVER'} budget ({limit}){sure}")
 

@@ -6,6 +6,7 @@ No timing is asserted here; budgets are checked by `scripts/bench.py` itself.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -39,6 +40,7 @@ def test_benchmark_smoke(tmp_path):
         # One epoch: its steady rate is its own.
         assert row["steady_epoch_s"]["median"] == row["first_epoch_s"]["median"] > 0
         assert row["steady_images_per_s"]["median"] > 0
+        assert 0 < row["cores_busy"]["median"] <= os.cpu_count() + 0.5  # rounding of CPU times
         assert "steady_mfu" not in row  # a CPU has no bf16 tensor-core peak to compare with
     tracking = workload["c_dlharness"]
     assert {
