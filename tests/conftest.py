@@ -212,6 +212,20 @@ class AfterStoredCheckpoint(L.Callback):
         self.act()
 
 
+class SignalWindow(AfterStoredCheckpoint):
+    """From the start of epoch `epoch`, once epoch `epoch - 1`'s checkpoint is stored, `marker`
+    exists and every training batch takes `batch_s` longer: a signal that a test sends when it
+    sees the marker lands in that epoch's batches however fast the machine trains."""
+
+    def __init__(self, artifacts: Path, epoch: int, marker: Path, batch_s: float = 0.05) -> None:
+        super().__init__(artifacts, epoch, marker.touch)
+        self.batch_s = batch_s
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.current_epoch >= self.epoch:
+            time.sleep(self.batch_s)
+
+
 def cli_trains_with(monkeypatch: pytest.MonkeyPatch, *callbacks: L.Callback) -> None:
     """The CLI's `train()` (`dlharness.app.cli.main`) gets `callbacks` beside its own."""
     import dlharness.app.train as train_module

@@ -4,11 +4,15 @@ from a server that imported them once per session."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
 
 # Imported once by the fork server; every training process starts from its memory.
 PRELOAD = ["dlharness.app.cli", "dlharness.app.train"]
@@ -20,26 +24,30 @@ def _context():
     return context
 
 
-def _run(argv: list[str], cwd: str, log_path: str) -> None:
+def _run(argv: list[str], cwd: str, log_path: str, callbacks: Sequence[Callback]) -> None:
     for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
         del os.environ[name]
     os.chdir(cwd)
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        import dlharness.app.train as train_module
         from dlharness.app.cli import main
 
+        if callbacks:
+            train_module.train = functools.partial(train_module.train, callbacks=list(callbacks))
         code = main(argv)
     sys.exit(code)
 
 
 class ForkedCli:
     """`dlharness-train ARGV` running in `cwd`, with stdout and stderr in one log file; the
-    parts of `subprocess.Popen` the tests use."""
+    parts of `subprocess.Popen` the tests use. `callbacks` (picklable) join its training's."""
 
-    def __init__(self, argv: list[str], cwd: Path) -> None:
+    def __init__(self, argv: list[str], cwd: Path, callbacks: Sequence[Callback] = ()) -> None:
         self.log = cwd / f"cli-{os.getpid()}-{id(self)}.log"
-        self.process = _context().Process(target=_run, args=(argv, str(cwd), str(self.log)))
+        args = (argv, str(cwd), str(self.log), list(callbacks))
+        self.process = _context().Process(target=_run, args=args)
         self.process.start()
 
     @property

@@ -33,7 +33,7 @@ from dlharness.tracking.checkpoints import (
 )
 from dlharness.tracking.interruption import TrainingInterrupted
 
-from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store
+from .conftest import PYTHON, REPO, SignalWindow, assert_nothing_running, cli_env, make_store
 from .forked_cli import ForkedCli
 
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
@@ -88,8 +88,21 @@ def assert_same_training(
         assert torch.allclose(mine["state_dict"][name], tensor, rtol=0, atol=weights_atol), name
 
 
-def start_training(folder: Path, uri: str, config: Path, *flags: str) -> ForkedCli:
-    return ForkedCli(["--config", str(config), "--tracking-uri", uri, *flags], folder)
+def start_training(
+    folder: Path, uri: str, config: Path, *flags: str, marker: Path | None = None
+) -> ForkedCli:
+    """The CLI in its own process; with `marker`, from epoch 2 on (epoch 1 stored) the marker
+    exists and each batch takes 50 ms longer, so a signal sent on seeing it lands in training."""
+    callbacks = [SignalWindow(folder / "artifacts", 2, marker)] if marker else []
+    return ForkedCli(["--config", str(config), "--tracking-uri", uri, *flags], folder, callbacks)
+
+
+def wait_for_file(path: Path, proc: ForkedCli, timeout_s: float = 240) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert proc.poll() is None, f"training ended before {path.name}: {proc.output()}"
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.01)
 
 
 def wait_for(
@@ -189,10 +202,12 @@ def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment)
     # Epoch 1's record: stored while epoch 2 or 3 runs (the upload lags by up to one epoch).
     pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
     earlier = set(folder.glob(pattern))
-    proc = start_training(folder, uri, config, "--run-name", f"killed-{moment}")
-    record = wait_for(folder, pattern, proc, ignore=earlier)
+    marker = tmp_path / "in-epoch-2"
+    proc = start_training(folder, uri, config, "--run-name", f"killed-{moment}", marker=marker)
     if moment == "mid-epoch":
-        time.sleep(0.15)  # epochs take 0.1–0.4 s on 2 cores
+        wait_for_file(marker, proc)
+        time.sleep(0.3)  # 6 of epoch 2's 20 batches, at ≥ 50 ms each
+    record = wait_for(folder, pattern, proc, ignore=earlier)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     run_id = run_id_of(record)
@@ -267,9 +282,11 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     client = MlflowClient(uri)
     pattern = "artifacts/*/artifacts/checkpoints/epoch_1/checkpoint_metrics.json"
     earlier = set(folder.glob(pattern))
-    proc = start_training(folder, uri, config, "--run-name", f"signal-{signum.name}")
+    marker = tmp_path / "in-epoch-2"
+    proc = start_training(folder, uri, config, "--run-name", f"signal-{signum.name}", marker=marker)
+    wait_for_file(marker, proc)
+    time.sleep(0.3)  # 6 of epoch 2's 20 batches, at ≥ 50 ms each
     record = wait_for(folder, pattern, proc, ignore=earlier)
-    time.sleep(0.15)  # into a later epoch: they take 0.1–0.4 s on 2 cores
     proc.send_signal(signum)
     proc.wait(timeout=120)
     stderr = proc.output()
