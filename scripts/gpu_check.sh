@@ -6,7 +6,7 @@
 # can be picked: `bash scripts/gpu_check.sh tests profile fast baseline` (default: all four).
 # Logs and the merged bench/results.json go to $OUT (default gpu-check/). A machine whose
 # Python lacks MLflow gets it from wheels in .whl/ (docs/harness.md, "On a GPU", says how they
-# are fetched); nothing else is installed.
+# are fetched: scripts/gpu_wheels.sh); nothing else is installed.
 set -uo pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
