@@ -317,7 +317,8 @@ def test_ctrl_c_to_the_real_script_ends_killed_with_exit_130_and_the_state_store
     earlier = set(folder.glob(pattern))
     argv = [PYTHON, TRAIN_SCRIPT, "--config", str(config), "--tracking-uri", uri]
     proc = subprocess.Popen(
-        [*argv, "--run-name", "ctrl-c"],
+        # 30 epochs: the signal, sent once epoch 1 is stored, lands in training on any machine.
+        [*argv, "--run-name", "ctrl-c", "--max-epochs", "30"],
         cwd=folder,
         env=cli_env(),
         stdout=subprocess.DEVNULL,
