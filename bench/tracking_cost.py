@@ -623,7 +623,7 @@ def print_report(results: dict[str, Any]) -> None:
                 sure = (
                     ", so is its 95 % interval"
                     if (high <= limit if ok else low > limit)
-                    else (", but its 95 % interval straddles the budget")
+                    else ", but its 95 % interval straddles the budget"
                 )
             console.print(f"  {check}: {'within' if ok else 'OVER'} budget ({limit}){sure}")
 

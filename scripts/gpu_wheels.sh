@@ -3,7 +3,7 @@
 # x86-64, no network), into .whl/ (git-ignored) for scripts/gpu_check.sh to install there.
 # Run it here, where the package registry answers. It leaves out what that machine's image
 # already holds (ON_DEVICE: the names of MLflow's dependencies in its package list, read
-# 2026-11-17), so that what travels stays small: ≈37 MB of the 64 MiB a device call carries.
+# 2026-11-17), so that what travels stays small: ≈35 MiB of the 64 MiB a device call carries.
 # Then: the device tool's run with command "bash scripts/gpu_check.sh" and carry [".whl"].
 set -euo pipefail
 cd "$(dirname "$0")/.."
