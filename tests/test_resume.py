@@ -97,14 +97,6 @@ def start_training(
     return ForkedCli(["--config", str(config), "--tracking-uri", uri, *flags], folder, callbacks)
 
 
-def wait_for_file(path: Path, proc: ForkedCli, timeout_s: float = 240) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert proc.poll() is None, f"training ended before {path.name}: {proc.output()}"
-        assert time.monotonic() < deadline, f"{path.name} never appeared"
-        time.sleep(0.01)
-
-
 def wait_for(
     folder: Path,
     pattern: str,
@@ -205,7 +197,7 @@ def test_killed_training_resumes_with_one_value_per_epoch(lab, tmp_path, moment)
     marker = tmp_path / "in-epoch-2"
     proc = start_training(folder, uri, config, "--run-name", f"killed-{moment}", marker=marker)
     if moment == "mid-epoch":
-        wait_for_file(marker, proc)
+        wait_for(marker.parent, marker.name, proc, ignore=set())
         time.sleep(0.3)  # 6 of epoch 2's 20 batches, at ≥ 50 ms each
     record = wait_for(folder, pattern, proc, ignore=earlier)
     os.kill(proc.pid, signal.SIGKILL)
@@ -284,7 +276,7 @@ def test_sigterm_stores_the_state_ends_killed_and_prints_the_resume_command(lab,
     earlier = set(folder.glob(pattern))
     marker = tmp_path / "in-epoch-2"
     proc = start_training(folder, uri, config, "--run-name", f"signal-{signum.name}", marker=marker)
-    wait_for_file(marker, proc)
+    wait_for(marker.parent, marker.name, proc, ignore=set())
     time.sleep(0.3)  # 6 of epoch 2's 20 batches, at ≥ 50 ms each
     record = wait_for(folder, pattern, proc, ignore=earlier)
     proc.send_signal(signum)
