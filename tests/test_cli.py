@@ -145,7 +145,7 @@ BAD_INPUTS = [
     (["--precision", "64"], "invalid choice"),
     (["--devices", "0,1", "--accelerator", "cpu"], "on CPU give a count"),
     (["--devices", "two"], "is not valid"),
-    (["--resume-epoch", "3"], "--resume-epoch and --fork need --resume RUN"),
+    (["--resume-epoch", "3"], "--resume-epoch, --fork and --trust-checkpoint need --resume RUN"),
     (["--resume", "0123456789abcdef0123456789abcdef", "--config", "{tmp}/nan.yaml"],
      "--config cannot be combined with --resume"),
     (["--tracking-uri", "ftp://example.invalid/store"], "is not usable"),

@@ -3,6 +3,9 @@ like a typical external project, an active MLflow run, an MLFlowLogger, resume, 
 
 from __future__ import annotations
 
+import functools
+import io
+import json
 import logging
 import os
 import signal
@@ -271,6 +274,117 @@ def test_resume_through_checkpoint_path_is_bit_exact_and_continues_the_histories
         ours = [(m.step, m.value) for m in client.get_metric_history(resumed_id, key)]
         theirs = [(m.step, m.value) for m in client.get_metric_history(straight_id, key)]
         assert sorted(ours) == sorted(theirs), key
+
+
+class TemplateStyleModule(L.LightningModule):
+    """Laid out like lightning-hydra-template's modules: the network, the optimizer and the
+    scheduler passed in (the last two as partials) and kept, objects and all, by
+    ``save_hyperparameters(logger=False)``; ReduceLROnPlateau on ``val_loss``."""
+
+    def __init__(self, net: nn.Module, optimizer, scheduler) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.net = net
+
+    forward = ExternalModule.forward
+    training_step = ExternalModule.training_step
+    validation_step = ExternalModule.validation_step
+
+    def configure_optimizers(self):
+        optimizer = self.hparams.optimizer(params=self.parameters())
+        scheduler = self.hparams.scheduler(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val_loss", "interval": "epoch"},
+        }
+
+
+def template_parts() -> dict:
+    return {
+        "net": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)),
+        "optimizer": functools.partial(torch.optim.Adam, lr=0.01),
+        "scheduler": functools.partial(
+            torch.optim.lr_scheduler.ReduceLROnPlateau, mode="min", factor=0.5, patience=0
+        ),
+    }
+
+
+def test_a_template_style_module_resumes_exactly_from_its_logged_checkpoint(uri):
+    def fit(epochs: int, run_id: str | None = None, name: str = "straight"):
+        L.seed_everything(7, workers=True)
+        module = TemplateStyleModule(**template_parts())
+        tracking = MlflowTracking(
+            run_id=run_id, tracking_uri=uri, experiment_name=name, system_metrics=False,
+            keep_last=None, plots=False,
+        )  # fmt: skip
+        ckpt = checkpoint_path(run_id, tracking_uri=uri) if run_id else None
+        trainer_for(tracking, max_epochs=epochs).fit(
+            module, datamodule=ExternalData(), ckpt_path=ckpt, weights_only=True
+        )
+        return module, tracking.run.run_id
+
+    straight, straight_id = fit(4)
+    _, resumed_id = fit(2, name="resumed")
+    resumed, _ = fit(4, run_id=resumed_id, name="resumed")
+
+    ours, theirs = resumed.state_dict(), straight.state_dict()
+    assert max((ours[key] - value).abs().max().item() for key, value in theirs.items()) <= 1e-6
+    client = MlflowClient(uri)
+    for key in EXTERNAL_KEYS:
+        mine = sorted((m.step, m.value) for m in client.get_metric_history(resumed_id, key))
+        expected = sorted((m.step, m.value) for m in client.get_metric_history(straight_id, key))
+        assert [step for step, _ in mine] == [0, 1, 2, 3], key
+        assert max(abs(a[1] - b[1]) for a, b in zip(mine, expected, strict=True)) <= 1e-6, key
+    # The scheduler halved the rate on a plateau in both (the partials took effect).
+    assert (
+        resumed.trainer.optimizers[0].param_groups[0]["lr"]
+        == (straight.trainer.optimizers[0].param_groups[0]["lr"])
+    )
+
+    # The file keeps the plain hyperparameters and says which objects it left out; Lightning's
+    # load_from_checkpoint takes those as arguments.
+    path = checkpoint_path(straight_id, 3, tracking_uri=uri)
+    state = torch.load(path, weights_only=True)
+    assert set(state["hyper_parameters"]) == set()
+    left_out = state["dlharness_hyperparameters_left_out"]
+    assert set(left_out) == {f"hyper_parameters.{k}" for k in ("net", "optimizer", "scheduler")}
+    assert "Adam" in left_out["hyper_parameters.optimizer"]
+    loaded = TemplateStyleModule.load_from_checkpoint(path, weights_only=True, **template_parts())
+    for key, value in straight.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_objects_loads_only_when_trusted(uri, tmp_path):
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="foreign", system_metrics=False)
+    trainer_for(tracking, max_epochs=1).fit(ExternalModule(), datamodule=ExternalData())
+    run_id = tracking.run.run_id
+    # A checkpoint written some other way (an old version, a hand-made file) with an object
+    # whose unpickling runs a command, its sha256 record kept consistent.
+    artifacts = Path(urlparse(MlflowClient(uri).get_run(run_id).info.artifact_uri).path)
+    stored = artifacts / "checkpoints/epoch_0/checkpoint.pth"
+    state = torch.load(stored, weights_only=True)
+    marker = tmp_path / "payload-ran"
+    state["hyper_parameters"]["hook"] = _Payload(marker)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    stored.write_bytes(buffer.getvalue())
+    record = json.loads(stored.with_name("checkpoint_metrics.json").read_text())
+    record["sha256"] = dlharness.tracking.checkpoints.file_sha256(stored)
+    stored.with_name("checkpoint_metrics.json").write_text(json.dumps(record))
+
+    with pytest.raises(CheckpointError, match=f"if you trust run {run_id}, pass trusted=True"):
+        checkpoint_path(run_id, tracking_uri=uri, dst=tmp_path / "a")
+    assert not marker.exists()
+    checkpoint_path(run_id, tracking_uri=uri, dst=tmp_path / "b", trusted=True)
+    assert marker.exists()  # the user's opt-in loaded the file as it is
 
 
 def test_a_monitor_never_logged_stops_the_fit_naming_what_was_logged(uri):

@@ -502,7 +502,7 @@ def snapshot(client: MlflowClient, run_id: str) -> tuple:
         ),
         (["--resume", "{run}"], "pass --max-epochs above 3"),
         (["--resume", "{run}", "--config", "x.yaml"], "--config cannot be combined with --resume"),
-        (["--fork"], "--resume-epoch and --fork need --resume RUN"),
+        (["--fork"], "--resume-epoch, --fork and --trust-checkpoint need --resume RUN"),
     ],
 )
 def test_bad_resume_requests_leave_the_run_untouched(lab, finished, capsys, argv, expected):
@@ -585,6 +585,9 @@ def test_checkpoint_with_a_code_payload_is_refused_and_not_run(lab, victim, caps
         uri,
         ["--resume", victim, "--max-epochs", "4"],
         "refused: it holds objects other than tensors",
+    )
+    refuse(
+        capsys, uri, ["--resume", victim, "--max-epochs", "4"], f"if you trust run {victim}, resume it with --trust-checkpoint"
     )
     assert not marker.exists()
     assert snapshot(client, victim) == before

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue in a new run tagged with its parent, not in the same run (default: same)",
     )
+    resume.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds objects other than tensors and plain data (it may run "
+        "code: only one you trust; default: refuse it)",
+    )
     return parser
 
 
@@ -224,8 +230,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     plain_training_output()
     try:
         if args.resume is None:
-            if args.resume_epoch is not None or args.fork:
-                raise UsageError("--resume-epoch and --fork need --resume RUN")
+            if args.resume_epoch is not None or args.fork or args.trust_checkpoint:
+                raise UsageError("--resume-epoch, --fork and --trust-checkpoint need --resume RUN")
             cfg, resume = config_from_args(args), None
         else:
             if args.config is not None:
@@ -237,7 +243,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             overrides = overrides_from_args(args)
             uri = load_config(None, overrides).resolved_tracking_uri()
-            resume = prepare_resume(args.resume, args.resume_epoch, overrides, uri, args.fork)
+            resume = prepare_resume(
+                args.resume,
+                args.resume_epoch,
+                overrides,
+                uri,
+                args.fork,
+                trusted=args.trust_checkpoint,
+            )
             cfg = resume.config
         if args.print_config:
             print(cfg.to_yaml(), end="")

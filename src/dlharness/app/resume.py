@@ -77,6 +77,8 @@ class ResumePoint:
     config: TrainConfig
     fork: bool
     scratch: Path
+    # Loaded without weights_only: the user vouched for a file that holds objects.
+    trusted: bool = False
 
     def cleanup(self) -> None:
         shutil.rmtree(self.scratch, ignore_errors=True)
@@ -126,7 +128,7 @@ def stored_state(run_id: str, epoch: int, tracking_uri: str, dst: Path) -> dict[
     try:
         return load_stored_checkpoint(run_id, epoch, tracking_uri=tracking_uri, dst=dst)[1]
     except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(untrusted_hint(exc, run_id)) from None
 
 
 def prepare_resume(
@@ -137,6 +139,7 @@ def prepare_resume(
     fork: bool = False,
     *,
     trained_ok: bool = False,
+    trusted: bool = False,
 ) -> ResumePoint:
     run_id, epoch = parse_target(target, epoch)
     client = MlflowClient(tracking_uri)
@@ -171,11 +174,20 @@ def prepare_resume(
         )
     scratch = Path(tempfile.mkdtemp(prefix="dlharness-resume-"))
     try:
-        path = checkpoint_path(run_id, epoch, tracking_uri=tracking_uri, dst=scratch)
+        path = checkpoint_path(
+            run_id, epoch, tracking_uri=tracking_uri, dst=scratch, trusted=trusted
+        )
     except CheckpointError as exc:
         shutil.rmtree(scratch, ignore_errors=True)
-        raise UsageError(str(exc)) from None
-    return ResumePoint(run_id, epoch, path, config, fork, scratch)
+        raise UsageError(untrusted_hint(exc, run_id)) from None
+    return ResumePoint(run_id, epoch, path, config, fork, scratch, trusted)
+
+
+def untrusted_hint(exc: CheckpointError, run_id: str) -> str:
+    """The refusal in the command's words: the flag that loads a checkpoint the user trusts."""
+    if not exc.untrusted:
+        return str(exc)
+    return f"{exc.fact}; if you trust run {run_id}, resume it with --trust-checkpoint"
 
 
 def check_same_data(

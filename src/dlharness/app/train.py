@@ -362,11 +362,21 @@ def _follow(cfg: TrainConfig, resume: ResumePoint | None) -> None:
     early_stop = build_early_stop(cfg)
     trainer = build_trainer(cfg, accelerator, [c for c in (early_stop, tracking) if c])
     freeze_before_training()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
+    trainer.fit(
+        module,
+        datamodule=datamodule,
+        ckpt_path=_checkpoint(resume),
+        weights_only=_weights_only(resume),
+    )
 
 
 def _checkpoint(resume: ResumePoint | None) -> Path | None:
     return resume.checkpoint if resume is not None else None
+
+
+def _weights_only(resume: ResumePoint | None) -> bool:
+    # A checkpoint the user vouched for (--trust-checkpoint) may hold objects.
+    return not (resume is not None and resume.trusted)
 
 
 def _quiet_irrelevant_warnings() -> None:
@@ -479,7 +489,12 @@ def _tracked_training(
     freeze_before_training()
     try:
         started = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_checkpoint(resume), weights_only=True)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=_checkpoint(resume),
+            weights_only=_weights_only(resume),
+        )
         if tags := early_stop_tags(early_stop):
             set_run_tags(run_id, tags, client)
         timings = {

@@ -1,16 +1,79 @@
-"""Checkpoint files written on the tracking thread from a copy taken on the training thread."""
+"""Checkpoint files written on the tracking thread from a copy taken on the training thread,
+with hyperparameters reduced to what ``torch.load(weights_only=True)`` accepts."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.fabric.plugins import CheckpointIO
 from typing_extensions import override
 
 from dlharness.tracking.worker import TrackingWorker
+
+# Where Lightning keeps the module's and the datamodule's `save_hyperparameters()` values in a
+# checkpoint, and the type of an OmegaConf container holding them (a class: never plain data).
+_HPARAMS_KEYS = (
+    (L.LightningModule.CHECKPOINT_HYPER_PARAMS_KEY, L.LightningModule.CHECKPOINT_HYPER_PARAMS_TYPE),
+    (
+        L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY,
+        L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_TYPE,
+    ),
+)
+# The checkpoint's record of the hyperparameters left out: "hyper_parameters.optimizer" → repr.
+LEFT_OUT_HPARAMS_KEY = "dlharness_hyperparameters_left_out"
+# Characters of a left-out value's repr kept (a network's repr runs to pages).
+_REPR_CHARS = 1000
+_PLAIN_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype,
+                 torch.device, torch.Size)  # fmt: skip
+
+
+class _NotPlainError(Exception):
+    pass
+
+
+def _plain(value: Any) -> Any:
+    """`value` rebuilt of dicts, lists and tuples if its leaves are plain data, else raises."""
+    if isinstance(value, _PLAIN_LEAVES):
+        return value
+    if isinstance(value, Mapping):
+        if not all(isinstance(key, (str, int)) for key in value):
+            raise _NotPlainError
+        return {key: _plain(item) for key, item in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_plain(item) for item in value)
+    raise _NotPlainError
+
+
+def with_plain_hyperparameters(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with every hyperparameter that is not plain data left out (a network, an
+    optimizer's `functools.partial`, a class: what a lightning-hydra-template module keeps with
+    ``save_hyperparameters()``), and their reprs in `LEFT_OUT_HPARAMS_KEY`.
+
+    The file then loads with ``weights_only=True``, and resumes: ``fit(ckpt_path=...)`` restores
+    the states into the module the caller built; ``load_from_checkpoint(path, net=...)`` takes
+    the objects as arguments, as Lightning asks for the ones in `save_hyperparameters(ignore=)`.
+    """
+    plain = dict(checkpoint)
+    left_out: dict[str, str] = {}
+    for key, type_key in _HPARAMS_KEYS:
+        if key not in checkpoint:
+            continue
+        plain.pop(type_key, None)
+        kept = {}
+        for name, value in dict(checkpoint[key]).items():
+            try:
+                kept[name] = _plain(value)
+            except _NotPlainError:
+                left_out[f"{key}.{name}"] = repr(value)[:_REPR_CHARS]
+        plain[key] = kept
+    if left_out:
+        plain[LEFT_OUT_HPARAMS_KEY] = left_out
+    return plain
 
 
 def snapshot(value: Any) -> Any:
@@ -36,7 +99,8 @@ def snapshot(value: Any) -> Any:
 
 
 class BackgroundCheckpointIO(CheckpointIO):
-    """A strategy's `CheckpointIO` that writes the files under `folder` on the tracking worker.
+    """A strategy's `CheckpointIO` that writes the files under `folder` on the tracking worker,
+    with plain hyperparameters only (`with_plain_hyperparameters`).
 
     For those, `save_checkpoint` returns once the tensors are copied (≈1 ms for the 3.5 MB
     heavy-benchmark checkpoint) and leaves `torch.save` to the worker: pickling and writing took
@@ -67,7 +131,8 @@ class BackgroundCheckpointIO(CheckpointIO):
             return
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
-        self.worker.submit("checkpoint write", torch.save, snapshot(checkpoint), Path(path))
+        plain = with_plain_hyperparameters(checkpoint)
+        self.worker.submit("checkpoint write", torch.save, snapshot(plain), Path(path))
 
     @override
     def load_checkpoint(

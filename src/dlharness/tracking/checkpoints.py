@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,15 @@ _HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(Exception):
-    """A stored checkpoint is missing, truncated, altered or unsafe to load."""
+    """A stored checkpoint is missing, truncated, altered or unsafe to load.
+
+    `untrusted` is True when only the file's content was refused (objects that could run code):
+    ``trusted=True`` loads it anyway; `fact` is the message without that advice."""
+
+    def __init__(self, message: str, *, untrusted: bool = False, fact: str | None = None) -> None:
+        super().__init__(message)
+        self.untrusted = untrusted
+        self.fact = fact or message
 
 
 def epoch_dir(epoch: int) -> str:
@@ -127,25 +136,30 @@ def fetch_checkpoint(client: MlflowClient, run_id: str, epoch: int, dst: Path) -
     return path
 
 
-def load_checkpoint_safely(path: Path, artifact: str) -> dict[str, Any]:
-    """Load with ``weights_only=True`` and refuse anything that could name code to run."""
+def load_checkpoint_safely(path: Path, artifact: str, trusted: bool = False) -> dict[str, Any]:
+    """Load with ``weights_only=True`` and refuse anything that could name code to run; with
+    `trusted`, load whatever the file holds (it may run code: only for a file you trust)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=not trusted)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "forbidden object"
+        # torch's message carries terminal bold codes.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        reason = text.splitlines()[0] if text else "forbidden object"
         raise CheckpointError(
             f"checkpoint {artifact} refused: it holds objects other than tensors and plain data "
-            f"({reason[:160]}); nothing in it was run"
+            f"({reason[:160]}); nothing in it was run",
+            untrusted=True,
         ) from None
     except Exception as exc:
         raise CheckpointError(
             f"checkpoint {artifact} is unreadable: {type(exc).__name__}: {exc}"
         ) from None
     hyper_parameters = state.get("hyper_parameters") or {}
-    if any("_instantiator" in str(key) for key in hyper_parameters):
+    if not trusted and any("_instantiator" in str(key) for key in hyper_parameters):
         raise CheckpointError(
             f"checkpoint {artifact} refused: its hyperparameters name an _instantiator "
-            "(a class to construct on load)"
+            "(a class to construct on load)",
+            untrusted=True,
         )
     return state
 
@@ -156,13 +170,16 @@ def load_stored_checkpoint(
     *,
     tracking_uri: str | None = None,
     dst: str | os.PathLike | None = None,
+    trusted: bool = False,
 ) -> tuple[Path, dict[str, Any]]:
     """A run's stored checkpoint as a local file, and what it holds (`checkpoint_path`'s work,
     for callers that need the state too: the file is loaded once).
 
     The file is downloaded, checked against its sha256 record, and loaded once with
     ``weights_only=True`` (a checkpoint that holds code, or names an ``_instantiator``, is
-    refused and nothing in it runs).
+    refused and nothing in it runs). `MlflowTracking` writes checkpoints that pass, whatever
+    the module keeps in its hyperparameters; a file written otherwise that holds objects loads
+    only with `trusted`.
 
     Args:
         run_id: The run that logged the checkpoints (with `MlflowTracking` or dlharness).
@@ -170,6 +187,9 @@ def load_stored_checkpoint(
         tracking_uri: The tracking store; default: MLflow's current one.
         dst: Folder to download into; default: ``~/.cache/dlharness/checkpoints/RUN_ID/epoch_N``
             (``$DLHARNESS_CACHE_DIR``, ``$XDG_CACHE_HOME``).
+        trusted: Load a checkpoint that holds objects other than tensors and plain data (they
+            may run code when loaded: only for a file you trust), then fit with
+            ``weights_only=False``. The sha256 check still applies.
 
     Raises:
         CheckpointError: unknown run, no such checkpoint, or one that fails a check.
@@ -192,7 +212,17 @@ def load_stored_checkpoint(
         Path(dst) if dst is not None else cache_dir() / "checkpoints" / run_id / f"epoch_{epoch}"
     )
     path = fetch_checkpoint(client, run_id, epoch, folder)
-    return path, load_checkpoint_safely(path, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")
+    artifact = f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}"
+    try:
+        return path, load_checkpoint_safely(path, artifact, trusted)
+    except CheckpointError as exc:
+        if exc.untrusted:
+            raise CheckpointError(
+                f"{exc}; if you trust run {run_id}, pass trusted=True",
+                untrusted=True,
+                fact=str(exc),
+            ) from None
+        raise
 
 
 def checkpoint_path(
@@ -201,7 +231,10 @@ def checkpoint_path(
     *,
     tracking_uri: str | None = None,
     dst: str | os.PathLike | None = None,
+    trusted: bool = False,
 ) -> Path:
     """A run's stored checkpoint as a local file, for ``trainer.fit(..., ckpt_path=...)``: see
     `load_stored_checkpoint`, whose arguments and checks it shares."""
-    return load_stored_checkpoint(run_id, epoch, tracking_uri=tracking_uri, dst=dst)[0]
+    return load_stored_checkpoint(
+        run_id, epoch, tracking_uri=tracking_uri, dst=dst, trusted=trusted
+    )[0]
