@@ -166,8 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--trust-checkpoint",
         action="store_true",
-        help="load a checkpoint that holds objects other than tensors and plain data (it may run "
-        "code: only one you trust; default: refuse it)",
+        help="load a checkpoint that holds objects other than tensors and plain data, which may "
+        "run code: only one you trust (default: refuse it)",
     )
     return parser
 
