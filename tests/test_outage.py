@@ -3,10 +3,13 @@ and `dlharness-sync` after a restart gives the run exactly what an uninterrupted
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -29,7 +32,7 @@ from dlharness.app.server import (
 from dlharness.app.sync import main as sync_main
 from dlharness.app.train import train
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
-from dlharness.tracking.spool import SpoolWarning
+from dlharness.tracking.spool import HTTP_DEFAULTS, Spool, SpoolWarning
 
 from .conftest import (
     AfterStoredCheckpoint,
@@ -61,6 +64,146 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
     )
     wait_until_healthy(f"http://127.0.0.1:{port}", process, 90)
     return process
+
+
+def assert_same_as_reference(client: MlflowClient, run_id: str, ref_uri: str, ref_run: str) -> None:
+    """The run holds what the run without an outage holds: its end, every epoch value, param,
+    artifact, checkpoint, checkpoint tag and model (the served classifier answers the same)."""
+    url = client.tracking_uri
+    ours, theirs = client.get_run(run_id), MlflowClient(ref_uri).get_run(ref_run)
+    assert ours.info.status == "FINISHED"
+    assert epoch_histories(client, run_id, EPOCH_KEYS) == epoch_histories(
+        MlflowClient(ref_uri), ref_run, EPOCH_KEYS
+    )
+    mine = {k: v for k, v in ours.data.params.items() if k != "tracking.tracking_uri"}
+    refs = {k: v for k, v in theirs.data.params.items() if k != "tracking.tracking_uri"}
+    assert mine == refs
+    assert artifact_paths(client, run_id) == artifact_paths(MlflowClient(ref_uri), ref_run)
+    assert stored_epochs(client, run_id) == stored_epochs(MlflowClient(ref_uri), ref_run)
+    for key in (BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG):
+        assert ours.data.tags.get(key) == theirs.data.tags.get(key), key
+    mlflow.set_tracking_uri(url)
+    model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
+    mlflow.set_tracking_uri(ref_uri)
+    expected = mlflow.pytorch.load_model(f"runs:/{ref_run}/model")
+    batch = torch.randn(3, 1, 8, 8)
+    assert torch.equal(model(batch), expected(batch))
+    # The served classifier was replayed too, and answers raw pixels the same.
+    pixels = [np.arange(64, dtype=np.uint8).reshape(8, 8)]
+    mlflow.set_tracking_uri(url)
+    [served] = mlflow.pyfunc.load_model(f"runs:/{run_id}/classifier").predict(pixels)
+    mlflow.set_tracking_uri(ref_uri)
+    [ref] = mlflow.pyfunc.load_model(f"runs:/{ref_run}/classifier").predict(pixels)
+    assert served.class_name == ref.class_name
+    np.testing.assert_allclose(
+        list(served.probabilities.values()), list(ref.probabilities.values()), atol=1e-6
+    )
+
+
+class FrozenServer(AfterStoredCheckpoint):
+    """Stops the server's processes (SIGSTOP: the port stays open and nothing answers, as with
+    an overloaded server or a partition without resets) at the start of epoch `epoch`, once the
+    previous checkpoint is stored, and continues them `thaw_after_s` later (never, if None).
+    From then on each training batch takes `batch_s` longer, so that training outlasts the
+    freeze however fast the machine is."""
+
+    def __init__(
+        self, server: subprocess.Popen, artifacts: Path, epoch: int, thaw_after_s: float | None,
+        batch_s: float = 0.0,
+    ) -> None:  # fmt: skip
+        super().__init__(artifacts, epoch, self.freeze)
+        self.server, self.thaw_after_s, self.batch_s = server, thaw_after_s, batch_s
+        self.frozen_at: float | None = None
+        self._thaw: threading.Timer | None = None
+
+    def freeze(self) -> None:
+        os.killpg(self.server.pid, signal.SIGSTOP)
+        self.frozen_at = time.monotonic()
+        if self.thaw_after_s is not None:
+            self._thaw = threading.Timer(self.thaw_after_s, self.thaw)
+            self._thaw.start()
+
+    def thaw(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGCONT)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        if self.frozen_at is not None:
+            time.sleep(self.batch_s)
+
+    def stop(self) -> None:
+        """Continue the server now (the test's end, however it ends)."""
+        if self._thaw is not None:
+            self._thaw.cancel()
+        self.thaw()
+
+
+@pytest.mark.slow
+def test_a_server_that_hangs_stalls_training_once_and_gets_everything_back_by_itself(
+    reference, tmp_path, monkeypatch, recwarn
+):
+    ref_uri, ref_run, config = reference
+    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    # Frozen for longer than a request waits (5 s, tried twice), thawed while training goes on:
+    # four epochs of 20 batches × 0.2 s are left after it stops.
+    frozen = FrozenServer(server, tmp_path / "artifacts", 2, thaw_after_s=14, batch_s=0.2)
+    for key in HTTP_DEFAULTS:
+        monkeypatch.delenv(key, raising=False)
+    try:
+        result = train(load_config(config, {"tracking.tracking_uri": url}), callbacks=[frozen])
+        # MLflow's HTTP settings were dlharness's while it trained, and are the caller's again.
+        assert not set(HTTP_DEFAULTS) & set(os.environ)
+        thawed_at = frozen.frozen_at + 14
+        assert time.monotonic() > thawed_at + 2, "training ended before the server answered"
+        # One request's wait (5 s, once more at once, up to 1 s of jitter) for the whole
+        # outage, not one per write; a margin of 4 s for a slow machine.
+        assert result.timings["tracking_hooks"] < 15, result.timings
+        assert any(issubclass(w.category, SpoolWarning) for w in recwarn)
+        # Replayed during training, without dlharness-sync: nothing waits, nothing is lost.
+        assert result.spooled is None and result.spooled_writes == 0
+        spool = tmp_path / "mlflow-spool" / result.run_id
+        assert not (spool / "journal.jsonl").exists() and (spool / "journal.synced.jsonl").exists()
+        assert_same_as_reference(MlflowClient(url), result.run_id, ref_uri, ref_run)
+    finally:
+        frozen.stop()
+        stop_server(server)
+
+
+@pytest.mark.slow
+def test_a_server_frozen_past_the_end_leaves_a_running_run_and_the_command_that_completes_it(
+    reference, tmp_path, capsys, monkeypatch
+):
+    ref_uri, ref_run, config = reference
+    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = start_server(tmp_path, port)
+    frozen = FrozenServer(server, tmp_path / "artifacts", 2, thaw_after_s=None)
+    cli_trains_with(monkeypatch, frozen)
+    try:
+        capsys.readouterr()
+        code = train_main(["--config", str(config), "--tracking-uri", url])
+        captured = capsys.readouterr()
+        assert code == 0, captured.err[-3000:]
+        assert "Traceback" not in captured.err
+        run_id = re.search(r"^run ([0-9a-f]{32}) finished", captured.out, re.MULTILINE).group(1)
+        spool = Path("mlflow-spool").resolve() / run_id
+        last = captured.err.strip().splitlines()[-1]
+        count = int(re.search(rf"(\d+) writes of run {run_id} wait in {spool}", last).group(1))
+        assert last.endswith(f"run: dlharness-sync {spool}")
+        assert count == Spool.load(spool).waiting() > 0
+
+        frozen.stop()
+        client = MlflowClient(url)
+        assert client.get_run(run_id).info.status == "RUNNING"  # its end waits in the spool
+        assert sync_main([str(spool)]) == 0
+        assert_same_as_reference(client, run_id, ref_uri, ref_run)
+    finally:
+        frozen.stop()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
@@ -108,34 +251,7 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
         assert sync_main([str(spool)]) == 0
         assert f"replayed into run {run_id}" in capsys.readouterr().out
 
-        ours, theirs = client.get_run(run_id), MlflowClient(ref_uri).get_run(ref_run)
-        assert ours.info.status == "FINISHED"
-        assert epoch_histories(client, run_id, EPOCH_KEYS) == epoch_histories(
-            MlflowClient(ref_uri), ref_run, EPOCH_KEYS
-        )
-        mine = {k: v for k, v in ours.data.params.items() if k != "tracking.tracking_uri"}
-        refs = {k: v for k, v in theirs.data.params.items() if k != "tracking.tracking_uri"}
-        assert mine == refs
-        assert artifact_paths(client, run_id) == artifact_paths(MlflowClient(ref_uri), ref_run)
-        assert stored_epochs(client, run_id) == stored_epochs(MlflowClient(ref_uri), ref_run)
-        for key in (BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG):
-            assert ours.data.tags.get(key) == theirs.data.tags.get(key), key
-        mlflow.set_tracking_uri(url)
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
-        mlflow.set_tracking_uri(ref_uri)
-        expected = mlflow.pytorch.load_model(f"runs:/{ref_run}/model")
-        batch = torch.randn(3, 1, 8, 8)
-        assert torch.equal(model(batch), expected(batch))
-        # The served classifier was replayed too, and answers raw pixels the same.
-        pixels = [np.arange(64, dtype=np.uint8).reshape(8, 8)]
-        mlflow.set_tracking_uri(url)
-        [served] = mlflow.pyfunc.load_model(f"runs:/{run_id}/classifier").predict(pixels)
-        mlflow.set_tracking_uri(ref_uri)
-        [ref] = mlflow.pyfunc.load_model(f"runs:/{ref_run}/classifier").predict(pixels)
-        assert served.class_name == ref.class_name
-        np.testing.assert_allclose(
-            list(served.probabilities.values()), list(ref.probabilities.values()), atol=1e-6
-        )
+        assert_same_as_reference(client, run_id, ref_uri, ref_run)
 
         assert sync_main([str(spool)]) == 0
         assert "already replayed" in capsys.readouterr().out

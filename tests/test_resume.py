@@ -587,7 +587,10 @@ def test_checkpoint_with_a_code_payload_is_refused_and_not_run(lab, victim, caps
         "refused: it holds objects other than tensors",
     )
     refuse(
-        capsys, uri, ["--resume", victim, "--max-epochs", "4"], f"if you trust run {victim}, resume it with --trust-checkpoint"
+        capsys,
+        uri,
+        ["--resume", victim, "--max-epochs", "4"],
+        f"if you trust run {victim}, resume it with --trust-checkpoint",
     )
     assert not marker.exists()
     assert snapshot(client, victim) == before

@@ -280,12 +280,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGINT
     if result is None:  # a DDP rank other than 0: rank 0 reports
         return 0
-    if result.spooled is not None:
-        print(
-            f"dlharness-train: the tracking server stopped answering; what it missed is in "
-            f"{result.spooled}: once it is back, run: dlharness-sync {result.spooled}",
-            file=sys.stderr,
-        )
     export_metrics(args, result)
     metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.test_metrics.items()))
     print(f"run {result.run_id} finished: {metrics}")
@@ -294,6 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         ui = shlex.join([mlflow_command(), "ui", "--backend-store-uri", result.tracking_uri])
         print(f"compare epochs: {ui}")
+    if result.spooled is not None:
+        # The last line: the run stays RUNNING on the server until these writes reach it.
+        sys.stdout.flush()
+        print(
+            f"dlharness-train: the tracking server did not answer before the end: "
+            f"{result.spooled_writes} writes of run {result.run_id} wait in {result.spooled}; "
+            f"once it answers, run: dlharness-sync {result.spooled}",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -225,10 +225,12 @@ FINAL_MODEL_OP = "final_model"
 def spool_final_model(
     client: SpoolingClient, model_dir: Path, example: Path, onnx_too: bool, register: str | None
 ) -> None:
-    """The end-of-run model logging, for `dlharness-sync` to do once the server is back."""
+    """The end-of-run model logging, done once the server answers again (by this process
+    before the run ends, else by `dlharness-sync`)."""
     client.spool_operation(
         FINAL_MODEL_OP,
         files={"model": model_dir, "example.npy": example},
+        replayer=replay_final_model,
         onnx=onnx_too,
         register=register,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -13,17 +13,17 @@ import mlflow
 import requests
 import yaml
 from filelock import FileLock
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from dlharness.app.config import DEFAULT_TRACKING_URI, TrainConfig
 from dlharness.errors import UsageError
-from dlharness.tracking.params import as_param_values, log_params_once
+from dlharness.tracking.params import as_param_values
 from dlharness.tracking.redaction import redact, redact_tree
 from dlharness.tracking.run_binding import status_after
 from dlharness.tracking.run_names import fresh_run_name
-from dlharness.tracking.spool import Spool, is_unreachable
+from dlharness.tracking.spool import Replayer, Spool, SpoolingClient, is_unreachable
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
@@ -109,13 +109,18 @@ def set_experiment(uri: str, name: str) -> str:
 
 @contextlib.contextmanager
 def tracked_run(
-    cfg: TrainConfig, run_id: str | None = None, extra_tags: dict[str, str] | None = None
+    cfg: TrainConfig,
+    run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+    replayers: Mapping[str, Replayer] | None = None,
 ) -> Iterator[Run]:
     """Start (or, given `run_id`, reopen) an MLflow run and always end it: FINISHED, KILLED on
     Ctrl-C or a stop signal, FAILED otherwise.
 
     MLflow's own `start_run` context ends every exception as FAILED and leaves a process that
-    exits through `sys.exit` in between; closing the run here keeps the store truthful.
+    exits through `sys.exit` in between; closing the run here keeps the store truthful. The
+    run's spool is held open meanwhile (`replayers` replay the harness's own spooled
+    operations), and the run's end is sent after everything it holds.
     """
     tags = redact({**cfg.tracking.tags, **(extra_tags or {})})
     if "description" in tags:
@@ -127,13 +132,18 @@ def tracked_run(
         tags=tags or None,
         log_system_metrics=cfg.tracking.system_metrics,
     )
-    spool = Spool.for_run(cfg.tracking.spool_dir, run.info.run_id, mlflow.get_tracking_uri())
+    spool = Spool.open(
+        cfg.tracking.spool_dir, run.info.run_id, mlflow.get_tracking_uri(), replayers
+    )
     try:
-        yield run
-    except BaseException as exc:
-        _end_run(spool, status_after(exc))
-        raise
-    _end_run(spool, status_after(None))
+        try:
+            yield run
+        except BaseException as exc:
+            _end_run(spool, status_after(exc))
+            raise
+        _end_run(spool, status_after(None))
+    finally:
+        spool.close()
 
 
 @contextlib.contextmanager
@@ -155,25 +165,26 @@ def _one_quick_try() -> Iterator[None]:
 
 
 def _end_run(spool: Spool, name: str) -> None:
-    """End the active run; once its writes are spooled, its end is spooled after them."""
+    """End the active run after everything it holds: where writes wait in the spool and the
+    server answers again, they are replayed first; where it still does not answer, the end is
+    spooled after them and the server is told nothing but that the run is still RUNNING."""
     end_time = int(time.time() * 1000)
-    if spool.count:
-        spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
-        # Still ends it here, so that this process holds no active run (the replay sets the
-        # end again after everything that happened before it); one quick try, as the server
-        # did not answer before.
-        with _one_quick_try(), contextlib.suppress(Exception):
+    if spool.settle():
+        try:
             mlflow.end_run(name)
-        return
-    try:
-        mlflow.end_run(name)
-    except Exception as exc:
-        if not is_unreachable(exc):
-            raise
-        spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
+            return
+        except Exception as exc:
+            if not is_unreachable(exc):
+                raise
+            spool.went_offline(exc)  # MLflow has ended the run on this side already
+    spool.append("set_terminated", run_id=spool.run_id, status=name, end_time=end_time)
+    # Leaves this process with no active run. One quick try, as the server did not answer;
+    # if it does, the run shows RUNNING until the replay sets its end after its writes.
+    with _one_quick_try(), contextlib.suppress(Exception):
+        mlflow.end_run(RunStatus.to_string(RunStatus.RUNNING))
 
 
-def log_config(client: MlflowClient, run_id: str, cfg: TrainConfig) -> None:
+def log_config(client: SpoolingClient, run_id: str, cfg: TrainConfig) -> None:
     """The resolved config, whole: flattened into params and as `config.yaml`, with the values
     of secret-looking keys and the passwords in URIs redacted.
 
@@ -182,5 +193,5 @@ def log_config(client: MlflowClient, run_id: str, cfg: TrainConfig) -> None:
     config in use.
     """
     config = redact_tree(cfg.to_dict())
-    log_params_once(client, run_id, as_param_values(config))
+    client.log_params_once(run_id, as_param_values(config))
     client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")

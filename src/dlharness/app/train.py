@@ -39,8 +39,10 @@ from dlharness.app.dataset_records import DatasetRecords
 from dlharness.app.distributed import is_launch_leader
 from dlharness.app.evaluation import evaluate, log_evaluation
 from dlharness.app.model_logging import (
+    FINAL_MODEL_OP,
     ServedClasses,
     log_final_model,
+    replay_final_model,
     save_for_replay,
     spool_final_model,
 )
@@ -53,9 +55,8 @@ from dlharness.errors import UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
-from dlharness.tracking.params import log_params_once
 from dlharness.tracking.run_context import set_run_tags
-from dlharness.tracking.spool import SpoolingClient, is_unreachable, set_http_defaults
+from dlharness.tracking.spool import Spool, SpoolingClient, http_defaults, is_unreachable
 from dlharness.tracking.worker import StorageError, as_storage_error
 
 # Lightning imports omegaconf, where it is installed (DVC brings it), when it writes its first
@@ -90,8 +91,10 @@ class TrainResult:
     # (CPU seconds of the tracking thread), and the end-of-run "package_index",
     # "evaluation", "model", "onnx", "classifier", "registry".
     timings: dict[str, float]
-    # Where this run's writes wait while the tracking server did not answer; None if it did.
+    # Where this run's writes wait because the tracking server did not answer before the end,
+    # and how many; None and 0 once the server has them all.
     spooled: Path | None = None
+    spooled_writes: int = 0
 
 
 def resolve_accelerator(requested: str) -> str:
@@ -298,7 +301,6 @@ def finish(
         registered_version=logged and logged.registered_version,
         module=module,
         timings=timings,
-        spooled=client.spool.folder if client.offline else None,
     )
 
 
@@ -339,7 +341,9 @@ def train(
         if not is_launch_leader():
             _follow(cfg, resume)
             return None
-        return _train(cfg, resume, fast_package_index, list(callbacks))
+        # MLflow's HTTP settings while training, then as the caller had them.
+        with http_defaults():
+            return _train(cfg, resume, fast_package_index, list(callbacks))
     finally:
         # Autolog patches Trainer.fit for the whole process: later fits of the caller's own
         # would start autolog runs.
@@ -399,7 +403,6 @@ def _train(
     uri = cfg.resolved_tracking_uri()
     cfg = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, tracking_uri=uri))
     accelerator = check_hardware(cfg)
-    set_http_defaults(uri)
     check_tracking_uri(uri)
     datamodule = build_datamodule(cfg.data, cfg.seed)
     # Missing or unreadable data fails here, before an MLflow run exists.
@@ -434,12 +437,17 @@ def _train(
     # during fit MlflowTracking defers it to the next batch boundary.
     stop = StopSignals() if single else None
     with (
-        tracked_run(cfg, resume.run_id if reopen else None, resume_tags) as run,
+        tracked_run(
+            cfg,
+            resume.run_id if reopen else None,
+            resume_tags,
+            {FINAL_MODEL_OP: replay_final_model},
+        ) as run,
         stop or contextlib.nullcontext(),
     ):
         run_id = run.info.run_id
         try:
-            return _tracked_training(
+            result = _tracked_training(
                 cfg, accelerator, module, datamodule, resume, run, single, fast_package_index,
                 extra_callbacks,
             )  # fmt: skip
@@ -453,6 +461,11 @@ def _train(
         except StorageError as exc:
             exc.run_id = run_id
             raise
+    waiting = Spool.waiting_in(cfg.tracking.spool_dir, run_id)
+    if not waiting:
+        return result
+    folder = Path(cfg.tracking.spool_dir).resolve() / run_id
+    return dataclasses.replace(result, spooled=folder, spooled_writes=waiting)
 
 
 def _tracked_training(
@@ -470,7 +483,7 @@ def _tracked_training(
     client = SpoolingClient(cfg.tracking.tracking_uri, cfg.tracking.spool_dir, run_id)
     log_config(client, run_id, cfg)
     sizes = {f"data.n_{split}": str(n) for split, n in datamodule.split_sizes().items()}
-    log_params_once(client, run_id, sizes)
+    client.log_params_once(run_id, sizes)
     spec = module.hparams.net_spec
     set_run_tags(
         run_id, {"model.type": spec["name"], "model.class": type(module.net).__name__}, client

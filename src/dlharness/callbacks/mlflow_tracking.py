@@ -41,7 +41,7 @@ from dlharness.tracking.confusion import ValidationConfusion, predictions_and_ta
 from dlharness.tracking.epoch_history import History, LoggedSteps, log_curve_files
 from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
-from dlharness.tracking.params import as_param_values, log_params_once
+from dlharness.tracking.params import as_param_values
 from dlharness.tracking.picture_process import PictureProcess
 from dlharness.tracking.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.run_binding import (
@@ -54,7 +54,7 @@ from dlharness.tracking.run_binding import (
     status_after,
 )
 from dlharness.tracking.run_context import log_environment, log_model_description, log_source
-from dlharness.tracking.spool import SpoolingClient
+from dlharness.tracking.spool import Spool, SpoolingClient
 from dlharness.tracking.worker import TrackingWorker
 
 log = logging.getLogger(__name__)
@@ -106,9 +106,11 @@ class MlflowTracking(Checkpoint):
     find, it says once, in one line.
 
     All MLflow I/O runs on one low-priority thread, in order, on global rank 0 only, through
-    one client: when a tracking server stops answering, every write goes to a local spool
-    (`spool_dir`) that ``dlharness-sync`` replays. A tracking step that fails warns once and
-    training goes on; an artifact store that is full or read-only stops training.
+    one client: from the first request a tracking server leaves unanswered, every write goes to
+    a local spool (`spool_dir`) at once, and is sent, in order, as soon as the server answers
+    again; what still waits when fit ends is named in one line with the ``dlharness-sync``
+    command that sends it. A tracking step that fails warns once and training goes on; an
+    artifact store that is full or read-only stops training.
 
     It is a `Checkpoint` callback, so Lightning adds no default ``ModelCheckpoint`` (and
     ``enable_checkpointing=False`` refuses it); ``trainer.test(ckpt_path="best")`` loads the
@@ -218,6 +220,7 @@ class MlflowTracking(Checkpoint):
         # One fit's resources, from `setup` to `teardown` (or `on_exception`).
         self.run: BoundRun | None = None
         self.client: SpoolingClient | None = None
+        self._spool: Spool | None = None
         self._worker: TrackingWorker | None = None
         self._pictures: PictureProcess | None = None
         self._scratch: Path | None = None
@@ -305,6 +308,7 @@ class MlflowTracking(Checkpoint):
             trainer, self.run_id, self.tracking_uri, self.experiment_name, self.run_name, self.tags
         )
         run_id, uri = self.run.run_id, self.run.tracking_uri
+        self._spool = Spool.open(self.spool_dir, run_id, uri)
         self.client = SpoolingClient(uri, self.spool_dir, run_id)
         self._worker = TrackingWorker()
         self._pictures = PictureProcess(in_subprocess=self.draw_in_subprocess)
@@ -363,6 +367,10 @@ class MlflowTracking(Checkpoint):
                     exception = late_failure = self._worker.storage_error
             if self._system_monitor is not None:
                 self._system_monitor.finish()
+            if self.client is not None and self._spool is not None and not self._spool.shared:
+                # A server that answers again gets what waits before the run's end (whoever
+                # holds the spool beside this callback settles it when it ends the run).
+                self.client.settle()
             if self.run is not None and self.run.owned and self.client is not None:
                 self.client.set_terminated(self.run.run_id, status_after(exception))
         finally:
@@ -371,6 +379,13 @@ class MlflowTracking(Checkpoint):
             raise late_failure
 
     def _release(self, trainer: L.Trainer) -> None:
+        if self._spool is not None:
+            waiting, folder = self._spool.close(), self._spool.folder
+            self._spool = None
+            if waiting:
+                self._say("spooled", f"MlflowTracking: the tracking server did not answer "
+                          f"before the end: {waiting} writes of run {folder.name} wait in "
+                          f"{folder}; once it answers, run: dlharness-sync {folder}")  # fmt: skip
         if self._replaced_io is not None:
             trainer.strategy.checkpoint_io = self._replaced_io
             self._replaced_io = None
@@ -439,7 +454,7 @@ class MlflowTracking(Checkpoint):
                     hparams.setdefault(key, value)
             if hparams:
                 params = as_param_values(hparams)
-                self.submit("hyperparameters", log_params_once, client, run_id, params)
+                self.submit("hyperparameters", client.log_params_once, run_id, params)
             else:
                 self._say("hparams", "MlflowTracking: no hyperparameters to log (the module "
                           "and datamodule call no save_hyperparameters())")  # fmt: skip

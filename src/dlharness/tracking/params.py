@@ -57,3 +57,14 @@ def log_params_once(client: MlflowClient, run_id: str, params: Mapping[str, str]
         client.log_batch(run_id, params=new[start : start + MAX_PARAMS_PER_BATCH])
     if changed:
         client.log_batch(run_id, tags=changed)
+
+
+def set_missing_tags(client: MlflowClient, run_id: str, tags: Mapping[str, str]) -> None:
+    """Set the tags the run does not hold yet (a value MLflow or the user set stays),
+    secret-looking values redacted."""
+    from mlflow.entities import RunTag
+
+    held = client.get_run(run_id).data.tags
+    missing = [RunTag(k, v) for k, v in redact(dict(tags)).items() if k not in held]
+    if missing:
+        client.log_batch(run_id, tags=missing)

@@ -13,6 +13,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 from dlharness.tracking.environment import collect_environment, environment_tags, git_state
 from dlharness.tracking.installed_packages import installed_requirements
 from dlharness.tracking.redaction import redact
+from dlharness.tracking.spool import SpoolingClient
 
 MODEL_SUMMARY = "model_summary.txt"
 
@@ -35,18 +36,16 @@ def log_environment(
     set_run_tags(run_id, environment_tags(env), client)
 
 
-def log_source(client: MlflowClient, run_id: str, source_dir: Path) -> None:
+def log_source(client: SpoolingClient, run_id: str, source_dir: Path) -> None:
     """`requirements.txt` with every installed version, and the git state of `source_dir`."""
     client.log_text(run_id, installed_requirements(), "requirements.txt")
     state = git_state(source_dir)
     if state is None:
         return
-    tags = {"git.dirty": str(state.dirty).lower()}
+    set_run_tags(run_id, {"git.dirty": str(state.dirty).lower()}, client)
     # MLflow sets the commit itself when the entry point lives in the checkout; a notebook or a
     # test runner's entry point leaves it unset.
-    if MLFLOW_GIT_COMMIT not in client.get_run(run_id).data.tags:
-        tags[MLFLOW_GIT_COMMIT] = state.commit
-    set_run_tags(run_id, tags, client)
+    client.set_missing_tags(run_id, {MLFLOW_GIT_COMMIT: state.commit})
 
 
 def log_model_description(
