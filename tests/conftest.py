@@ -63,16 +63,17 @@ def _freeze_survivors(phase: str, info: dict[str, int]) -> None:
 freeze_long_lived_objects()
 gc.callbacks.append(_freeze_survivors)
 
-# The costliest test files first (seconds of work each, measured 2026-12-01 on 2 cores, with
-# CI's PostgreSQL tests added: resume 86, server 82, sweep 76, multinode 75, dvc 71, outage
-# 59, serving 41, bench 35, ui 34, cli 29, harness_options 25, examples 22; the rest under
-# 20). `make test` passes --no-loadscope-reorder, so pytest-xdist hands files out in this
-# order instead of by test count, which left the long files with few tests to run alone at
-# the end (CI: 441 s against 356 s balanced).
+# The costliest test files first (seconds of work each, measured on 2 cores, with CI's
+# PostgreSQL tests added, 2026-12-01: resume 86, server 82, sweep 76, multinode 75, dvc 71,
+# serving 41, bench 35, ui 34, cli 29, harness_options 25, examples 22; 2026-12-04: outage
+# 130 with its frozen-server tests, auth 26; the rest under 20). `make test` passes
+# --no-loadscope-reorder, so pytest-xdist hands files out in this order instead of by test
+# count, which left the long files with few tests to run alone at the end (CI: 441 s against
+# 356 s balanced).
 COSTLIEST_FILES_FIRST = (
-    "test_resume.py", "test_server.py", "test_sweep.py", "test_multinode.py", "test_dvc.py",
-    "test_outage.py", "test_serving.py", "test_bench.py", "test_ui.py", "test_cli.py",
-    "test_harness_options.py", "test_examples.py",
+    "test_outage.py", "test_resume.py", "test_server.py", "test_sweep.py", "test_multinode.py",
+    "test_dvc.py", "test_serving.py", "test_bench.py", "test_ui.py", "test_cli.py",
+    "test_auth.py", "test_harness_options.py", "test_examples.py",
 )  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dlharness.app.config import TrainConfig, from_dict, set_dotted, validate
+from dlharness.app.run_lifecycle import server_refusal
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
@@ -145,8 +146,9 @@ def prepare_resume(
     client = MlflowClient(tracking_uri)
     try:
         finished = client.get_run(run_id).info.status == "FINISHED"
-    except MlflowException:
-        raise UsageError(f"run {run_id} not found in {tracking_uri}") from None
+    except MlflowException as exc:
+        refusal = server_refusal(exc, tracking_uri, f"to read run {run_id}")
+        raise UsageError(refusal or f"run {run_id} not found in {tracking_uri}") from None
     available = stored_epochs(client, run_id)
     if not available:
         raise UsageError(f"run {run_id} has no logged checkpoints to resume from")

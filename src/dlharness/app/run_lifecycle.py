@@ -14,6 +14,7 @@ import requests
 import yaml
 from filelock import FileLock
 from mlflow.entities import Run, RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
@@ -64,7 +65,30 @@ def check_tracking_uri(uri: str) -> None:
     try:
         open_store(uri)
     except Exception as exc:
-        raise UsageError(f"tracking URI {uri} is not usable: {_first_line(exc)}") from None
+        refusal = server_refusal(exc, uri, "reading experiments")
+        raise UsageError(
+            refusal or f"tracking URI {uri} is not usable: {_first_line(exc)}"
+        ) from None
+
+
+def server_refusal(exc: BaseException, uri: str, doing: str) -> str | None:
+    """One line for a tracking server that refused the credentials (HTTP 401) or the user's
+    permission for `doing` (403); None for any other failure."""
+    status = exc.get_http_status_code() if isinstance(exc, MlflowException) else None
+    if status == 401:
+        given = "MLFLOW_TRACKING_USERNAME" in os.environ
+        return (
+            f"the tracking server at {uri} refused the "
+            f"{'user and password' if given else 'request: it asks for a user and password'}; "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to your account on it"
+        )
+    if status == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+        return (
+            f"the tracking server at {uri} does not permit {user} {doing}: that needs the EDIT "
+            "permission on the experiment (READ only reads it); ask the server's admin"
+        )
+    return None
 
 
 def existing_store(flag: str | None) -> str:
@@ -104,7 +128,8 @@ def set_experiment(uri: str, name: str) -> str:
         # Setting it again by id makes it active either way.
         return mlflow.set_experiment(experiment_id=experiment.experiment_id).experiment_id
     except mlflow.exceptions.MlflowException as exc:
-        raise UsageError(f"experiment '{name}': {_first_line(exc)}") from None
+        refusal = server_refusal(exc, uri, f"to create experiment '{name}'")
+        raise UsageError(refusal or f"experiment '{name}': {_first_line(exc)}") from None
 
 
 @contextlib.contextmanager
@@ -126,12 +151,21 @@ def tracked_run(
     if "description" in tags:
         # The UI shows this tag as the run's description.
         tags[MLFLOW_RUN_NOTE] = tags["description"]
-    run = mlflow.start_run(
-        run_id=run_id,
-        run_name=None if run_id else (cfg.tracking.run_name or fresh_run_name()),
-        tags=tags or None,
-        log_system_metrics=cfg.tracking.system_metrics,
-    )
+    try:
+        run = mlflow.start_run(
+            run_id=run_id,
+            run_name=None if run_id else (cfg.tracking.run_name or fresh_run_name()),
+            tags=tags or None,
+            log_system_metrics=cfg.tracking.system_metrics,
+        )
+    except MlflowException as exc:
+        doing = f"to {'reopen run ' + run_id if run_id else 'create runs'} in experiment "
+        refusal = server_refusal(
+            exc, mlflow.get_tracking_uri(), f"{doing}'{cfg.tracking.experiment}'"
+        )
+        if refusal is None:
+            raise
+        raise UsageError(refusal) from None
     spool = Spool.open(
         cfg.tracking.spool_dir, run.info.run_id, mlflow.get_tracking_uri(), replayers
     )

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import ipaddress
 import os
+import secrets
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -28,9 +31,35 @@ DEFAULT_PORT = 5000
 DEFAULT_ROOT = "mlserver"
 # Seconds a fresh server may take to answer /health: ≈9 s measured on 2 cores.
 START_TIMEOUT_S = 90
+# Beside the store, for --basic-auth: the key that signs the UI's forms (CSRF), made once and
+# shared by every worker and restart, and the users database with the config naming it.
+SECRET_KEY_FILE = "flask-secret-key"
+AUTH_DB = "basic_auth.db"
+AUTH_CONFIG = "basic_auth.ini"
+# MLflow's basic-auth settings but where the users are kept: every user reads every experiment,
+# and writes where the admin (or the experiment's creator) granted it.
+# MLflow's rules for the admin password it creates (3.17): this length at least, and not the
+# default older versions shipped (GHSA-gq3w-7jj3-x7gr).
+MIN_ADMIN_PASSWORD = 12
+LEGACY_ADMIN_PASSWORD = "password1234"
+# MLflow's basic-auth settings but two: where the users are kept (MLflow's default is the
+# working directory), and a credential cache. Every user reads every experiment and writes where
+# the admin (or the experiment's creator) granted it. MLflow checks each request's password with
+# scrypt, CPU-bound work that slowed a training through the server several times over
+# (docs/operations.md); a check is cached 30 s per worker process, so a changed password or a
+# deleted user reaches the other workers that much later.
+AUTH_CONFIG_TEXT = """[mlflow]
+default_permission = READ
+database_uri = sqlite:///{database}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = 30
+"""
 
 
-def server_env() -> dict[str, str]:
+def server_env(auth_dir: Path | None = None) -> dict[str, str]:
+    """The server's environment; with `auth_dir`, what MLflow's basic-auth app needs from it
+    (`basic_auth_settings`)."""
     env = dict(os.environ)
     # The job runner serves MLflow's GenAI features, which training does not use; it is a
     # second process and doubles the start time (≈19 s → ≈9 s measured).
@@ -42,7 +71,77 @@ def server_env() -> dict[str, str]:
     # PostgreSQL's max_connections (100 by default), or set these lower.
     env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", "10")
     env.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "50")
+    if auth_dir is not None:
+        env.update(basic_auth_settings(auth_dir))
     return env
+
+
+def basic_auth_settings(auth_dir: Path) -> dict[str, str]:
+    """The variables MLflow's basic-auth app starts with, kept in `auth_dir`: the CSRF secret
+    key (`$MLFLOW_FLASK_SERVER_SECRET_KEY` if set, else one made on first start, mode 0600) and
+    the auth config (`$MLFLOW_AUTH_CONFIG_PATH` if set, else one keeping the users in
+    `auth_dir/basic_auth.db`, not in the working directory as MLflow's default does).
+
+    Raises:
+        UsageError: what is still missing, in one line: MLflow's auth extra, or the admin
+            password that the first start needs.
+    """
+    if importlib.util.find_spec("flask_wtf") is None:
+        raise UsageError(
+            "--basic-auth needs MLflow's auth extra (Flask-WTF): pip install 'mlflow[auth]'"
+        )
+    auth_dir.mkdir(parents=True, exist_ok=True)
+    settings = {}
+    if not os.environ.get("MLFLOW_AUTH_CONFIG_PATH"):
+        config = auth_dir / AUTH_CONFIG
+        config.write_text(AUTH_CONFIG_TEXT.format(database=(auth_dir / AUTH_DB).resolve()))
+        settings["MLFLOW_AUTH_CONFIG_PATH"] = str(config.resolve())
+        if not _admin_exists(auth_dir / AUTH_DB):
+            _check_admin_password(os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD", ""))
+    if not os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        settings["MLFLOW_FLASK_SERVER_SECRET_KEY"] = _kept_secret_key(auth_dir / SECRET_KEY_FILE)
+    return settings
+
+
+def _admin_exists(database: Path) -> bool:
+    """Whether MLflow's users database holds its admin (a first start that failed has none)."""
+    if not database.exists():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT 1 FROM users WHERE username = 'admin'").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def _check_admin_password(password: str) -> None:
+    """Refuse, before MLflow would with a traceback, an admin password it will not take."""
+    if not password:
+        raise UsageError(
+            "--basic-auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin password that "
+            "MLflow creates on first start (it has no default)"
+        )
+    if len(password) < MIN_ADMIN_PASSWORD or password == LEGACY_ADMIN_PASSWORD:
+        raise UsageError(
+            f"--basic-auth: MLFLOW_AUTH_ADMIN_PASSWORD must have at least {MIN_ADMIN_PASSWORD} "
+            "characters and not be MLflow's old default"
+        )
+
+
+def _kept_secret_key(path: Path) -> str:
+    if not path.exists():
+        # Created readable by its owner only, before anything is written into it.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as key_file:
+            key_file.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+def auth_dir_for(backend_store_uri: str) -> Path:
+    """Where --basic-auth keeps its files: beside a SQLite store, else in `mlserver/`."""
+    if backend_store_uri.startswith("sqlite:///"):
+        return Path(backend_store_uri.removeprefix("sqlite:///")).resolve().parent
+    return Path(DEFAULT_ROOT).resolve()
 
 
 def is_loopback(host: str) -> bool:
@@ -192,11 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.workers < 1:
             raise UsageError(f"--workers must be at least 1, got {args.workers}")
-        if args.basic_auth and not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
-            raise UsageError(
-                "--basic-auth: set MLFLOW_AUTH_ADMIN_PASSWORD to the admin password that "
-                "MLflow creates on first start (it has no default)"
-            )
         backend = (
             args.backend_store_uri
             or os.environ.get("BACKEND_STORE_URI")
@@ -208,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "://" not in artifacts:
             Path(artifacts).mkdir(parents=True, exist_ok=True)
             artifacts = str(Path(artifacts).resolve())
+        env = server_env(auth_dir_for(backend) if args.basic_auth else None)
     except UsageError as exc:
         print(f"dlharness-server: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -220,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     # Become the server: Ctrl-C and `kill` reach it directly.
-    os.execve(command[0], command, server_env())
+    os.execve(command[0], command, env)
     return 0
 
 
