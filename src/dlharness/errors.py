@@ -1,4 +1,4 @@
-"""Bad input: the one exception type the CLIs turn into a one-line message and exit code 2."""
+"""Bad input: what the CLIs turn into one line and an exit code (2 for usage errors)."""
 
 from __future__ import annotations
 
@@ -20,3 +20,18 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class BadImageError(Exception):
+    """An image file that could not be decoded while training read it.
+
+    `run_id` and `tracking_uri` say which run it ended, once the harness knows."""
+
+    run_id: str | None = None
+    tracking_uri: str | None = None
+
+    def one_line(self) -> str:
+        """The message, also when a loader's worker process raised it: PyTorch raises it again
+        in the training process with the worker's traceback in front."""
+        last = str(self).strip().splitlines()[-1]
+        return last.split("BadImageError: ", 1)[-1]

@@ -24,7 +24,7 @@ from dlharness.app.config import (
     TrainConfig,
     load_config,
 )
-from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.errors import EXIT_USAGE, BadImageError, OneLineArgumentParser, UsageError
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.worker import StorageError
 
@@ -77,6 +77,9 @@ SWITCHES = (
      "allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)"),
     ("--data-on-device", "data.on_device", True,
      "keep every split as tensors on the training device (default: off)"),
+    ("--skip-bad-images", "data.skip_bad_images", True,
+     "imagefolder: train on the rest when files cannot be read as images, and record them "
+     "(default: refuse the folder)"),
     ("--channels-last", "trainer.channels_last", True,
      "NHWC weights and batches, for tensor-core GPUs (default: off)"),
     ("--compile", "trainer.compile", True,
@@ -204,14 +207,19 @@ def with_flag_name(message: str) -> str:
     return message
 
 
-def resume_hint(exc: TrainingInterrupted) -> str:
-    """The exact command that continues an interrupted run, to paste as is."""
-    if exc.run_id is None:
-        return "No run was started."
+def resume_command(run_id: str, tracking_uri: str | None) -> str:
+    """The exact command that continues run `run_id`, to paste as is."""
     script = sys.argv[0]
     program = [sys.executable, script] if script.endswith(".py") else [Path(script).name]
-    command = [*program, "--resume", exc.run_id, "--tracking-uri", exc.tracking_uri or ""]
-    return f"Run {exc.run_id} ended KILLED with its state stored; resume: {shlex.join(command)}"
+    return shlex.join([*program, "--resume", run_id, "--tracking-uri", tracking_uri or ""])
+
+
+def resume_hint(exc: TrainingInterrupted) -> str:
+    """What an interrupted run left, and the command that continues it."""
+    if exc.run_id is None:
+        return "No run was started."
+    command = resume_command(exc.run_id, exc.tracking_uri)
+    return f"Run {exc.run_id} ended KILLED with its state stored; resume: {command}"
 
 
 def plain_training_output() -> None:
@@ -268,6 +276,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"dlharness-train: {exc}. {resume_hint(exc)}", file=sys.stderr)
         return exc.exit_code
+    except BadImageError as exc:
+        command = resume_command(exc.run_id, exc.tracking_uri)
+        print(
+            f"dlharness-train: error: {exc.one_line()}; run {exc.run_id} ended FAILED. Put the "
+            f"file back as it was and resume: {command}; or leave such files out of a new run "
+            "with --skip-bad-images",
+            file=sys.stderr,
+        )
+        return 1
     except StorageError as exc:
         print(
             f"dlharness-train: error: {exc}; training stopped and run {exc.run_id} ended FAILED "

@@ -66,6 +66,9 @@ class DataConfig:
     # the side, and a horizontal flip); null takes the data set's default (crop_flip for
     # cifar10, none for the others).
     augment: str | None = None
+    # imagefolder: leave out files that cannot be read as images (recorded in the run) instead
+    # of refusing the folder.
+    skip_bad_images: bool = False
 
 
 @dataclass

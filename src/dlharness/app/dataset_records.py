@@ -24,6 +24,11 @@ from dlharness.tracking.charts import image_grid
 from dlharness.tracking.redaction import redact_uri
 
 SAMPLE_GRID_SIZE = 16
+# The files `data.skip_bad_images` left out (path, tab, why), their count, and a metric per
+# epoch of those found only while loading.
+SKIPPED_IMAGES_FILE = "datasets/skipped_images.txt"
+SKIPPED_IMAGES_TAG = "dlharness.skipped_images"
+SKIPPED_WHILE_LOADING = "data/skipped_while_loading"
 
 
 def _source(datamodule: ClassificationDataModule) -> DatasetSource:
@@ -75,7 +80,8 @@ def training_samples(datamodule: ClassificationDataModule) -> tuple[np.ndarray, 
     """The first training samples after preprocessing, with their class names."""
     train = datamodule.splits()["train"]
     count = min(SAMPLE_GRID_SIZE, len(train))
-    images, labels = zip(*(train[i] for i in range(count)), strict=True)
+    samples = [sample for sample in (train[i] for i in range(count)) if sample is not None]
+    images, labels = zip(*samples, strict=True)
     names = datamodule.info.class_names
     return torch.stack(images).numpy(), [names[int(label)] for label in labels]
 
@@ -88,9 +94,17 @@ def log_sample_grid(
     )
 
 
+def log_skipped_images(client: MlflowClient, run_id: str, skipped: list[tuple[str, str]]) -> None:
+    lines = "".join(f"{path}\t{why}\n" for path, why in skipped)
+    client.log_text(run_id, lines, SKIPPED_IMAGES_FILE)
+    client.set_tag(run_id, SKIPPED_IMAGES_TAG, str(len(skipped)))
+
+
 class DatasetRecords(L.Callback):
     """Logs a dataset record per split and a grid of training samples when fitting starts, on
-    the tracking thread of `tracking` (global rank 0 only).
+    the tracking thread of `tracking` (global rank 0 only). With `skip_bad_images`, the files
+    left out by their headers too, and each epoch how many more were found while loading
+    (`SKIPPED_WHILE_LOADING`); the run's end logs the final list (`log_skipped_images`).
 
     Args:
         tracking: The fit's tracking callback, whose run and thread these records go to.
@@ -116,3 +130,18 @@ class DatasetRecords(L.Callback):
         self.tracking.submit(
             "training sample grid", log_sample_grid, client, run_id, images, captions, title
         )
+        self._log_skipped(datamodule)
+
+    @override
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if isinstance(datamodule, ClassificationDataModule) and datamodule.skip_bad_images:
+            found = float(len(datamodule.skipped_while_loading()))
+            pl_module.log(SKIPPED_WHILE_LOADING, found, on_epoch=True, rank_zero_only=True)
+
+    def _log_skipped(self, datamodule: ClassificationDataModule) -> None:
+        if not datamodule.skip_bad_images:
+            return
+        client, run_id = self.tracking.client, self.tracking.run.run_id
+        skipped = datamodule.skipped_images()
+        self.tracking.submit("skipped images", log_skipped_images, client, run_id, skipped)

@@ -35,7 +35,7 @@ from dlharness.app.collector import freeze_before_training
 from dlharness.app.components import build_datamodule, build_module
 from dlharness.app.config import TrainConfig, parse_devices
 from dlharness.app.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
-from dlharness.app.dataset_records import DatasetRecords
+from dlharness.app.dataset_records import DatasetRecords, log_skipped_images
 from dlharness.app.distributed import is_launch_leader
 from dlharness.app.evaluation import evaluate, log_evaluation
 from dlharness.app.model_logging import (
@@ -51,7 +51,7 @@ from dlharness.app.run_lifecycle import check_tracking_uri, log_config, set_expe
 from dlharness.callbacks.epoch_printer import EpochLinePrinter
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
-from dlharness.errors import UsageError
+from dlharness.errors import BadImageError, UsageError
 from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
@@ -68,6 +68,8 @@ with contextlib.suppress(ImportError):
 # Autolog logs epoch metrics when (epoch + 1) % log_every_n_epoch == 0: with this period it
 # never does, and keeps logging what else it knows (optimizer params, model summary).
 AUTOLOG_NEVER = 2**62
+# Why a run ended FAILED, where the harness can say it in one line (a file that cannot be read).
+FAILURE_TAG = "dlharness.failure"
 TORCH_DEVICES = {"cpu": "cpu", "gpu": "cuda", "mps": "mps"}
 
 
@@ -266,6 +268,8 @@ def finish(
     evaluation = evaluate(module, datamodule.test_dataloader(), torch.device(device))
     class_names = datamodule.info.class_names
     log_evaluation(client, run_id, evaluation, class_names, epoch)
+    if datamodule.skip_bad_images:  # every split has been read now
+        log_skipped_images(client, run_id, datamodule.skipped_images())
     timings["evaluation"] = time.perf_counter() - started
     example_batch, _ = next(iter(datamodule.test_dataloader()))
     served = ServedClasses.of(datamodule)
@@ -407,6 +411,7 @@ def _train(
     datamodule = build_datamodule(cfg.data, cfg.seed)
     # Missing or unreadable data fails here, before an MLflow run exists.
     datamodule.prepare_data()
+    datamodule.setup()
     if resume is not None:
         check_same_data(MlflowClient(uri), resume.run_id, datamodule)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -460,6 +465,10 @@ def _train(
             raise
         except StorageError as exc:
             exc.run_id = run_id
+            raise
+        except BadImageError as exc:
+            exc.run_id, exc.tracking_uri = run_id, uri
+            mlflow.set_tag(FAILURE_TAG, exc.one_line())
             raise
     waiting = Spool.waiting_in(cfg.tracking.spool_dir, run_id)
     if not waiting:

@@ -49,7 +49,10 @@ class AugmentedSplit(Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor] | None:
         index, draw = item
-        image, label = self.split[index]
+        sample = self.split[index]
+        if sample is None:  # a file left out while loading
+            return None
+        image, label = sample
         return crop_flip(image[None], torch.tensor([draw]))[0], label

@@ -64,12 +64,18 @@ def batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor,
     return batch
 
 
-def stack_split(dataset: Dataset, num_workers: int, device: torch.device) -> TensorBatches:
+def stack_split(
+    dataset: Dataset, num_workers: int, device: torch.device, collate_fn: Any = None
+) -> TensorBatches:
     """Read and transform every sample of `dataset` once, into tensors on `device`."""
     # 1024 samples per read: few Python round trips, bounded host memory per step. A loader
     # without a generator draws its seed from the global one, shifting later dropout draws.
     loader = DataLoader(
-        dataset, batch_size=1024, num_workers=num_workers, generator=torch.Generator()
+        dataset,
+        batch_size=1024,
+        num_workers=num_workers,
+        generator=torch.Generator(),
+        collate_fn=collate_fn,
     )
     features, labels = zip(*loader, strict=True)
     return TensorBatches(torch.cat(features).to(device), torch.cat(labels).to(device))
@@ -137,6 +143,8 @@ class ClassificationDataModule(L.LightningDataModule):
         seed: Seeds the split and the shuffling.
         augment: ``none``, or ``crop_flip`` for the training split: random crops after
             padding and horizontal flips, reproduced by the seed and by an exact resume.
+        skip_bad_images: Leave out files that cannot be read as images instead of refusing
+            them (sets read from files one by one: the image folder).
     """
 
     name: ClassVar[str]
@@ -155,6 +163,7 @@ class ClassificationDataModule(L.LightningDataModule):
         download: bool = False,
         seed: int = 42,
         augment: str = "none",
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         if augment not in AUGMENTATIONS:
@@ -170,6 +179,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.download = download
         self.seed = seed
         self.augment = augment
+        self.skip_bad_images = skip_bad_images
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -196,6 +206,19 @@ class ClassificationDataModule(L.LightningDataModule):
     def source(self) -> str:
         """Where the data comes from, for the run's dataset records."""
         return self.data_dir
+
+    def collate(self) -> Any:
+        """The loaders' `collate_fn`; None: PyTorch's default."""
+        return None
+
+    def skipped_images(self) -> list[tuple[str, str]]:
+        """(path, why) of every file left out so far because it could not be read (with
+        `skip_bad_images`); none for sets read whole."""
+        return []
+
+    def skipped_while_loading(self) -> list[tuple[str, str]]:
+        """Those of `skipped_images` found only when decoded, while loading."""
+        return []
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -240,7 +263,9 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.on_device:
             key = (split, self.device)
             if key not in self._stacked:
-                self._stacked[key] = stack_split(dataset, self.num_workers, self.device)
+                self._stacked[key] = stack_split(
+                    dataset, self.num_workers, self.device, self.collate()
+                )
             return DataLoader(
                 self._stacked[key], size, sampler=sampler, generator=generator,
                 collate_fn=batch_as_is,
@@ -254,6 +279,7 @@ class ClassificationDataModule(L.LightningDataModule):
             num_workers=workers,
             persistent_workers=workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=self.collate(),
         )
 
     def train_dataloader(self) -> DataLoader:

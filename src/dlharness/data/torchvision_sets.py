@@ -105,10 +105,17 @@ class MNISTDataModule(_TorchvisionDataModule):
         self.prepare_data()
         make = self.dataset_cls
         transform = self.transform()
-        return (
-            make(str(self.root), train=True, transform=transform),
-            make(str(self.root), train=False, transform=transform),
-        )
+        try:
+            return (
+                make(str(self.root), train=True, transform=transform),
+                make(str(self.root), train=False, transform=transform),
+            )
+        except Exception as exc:  # torchvision's idx reader on a file cut short or altered
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UsageError(
+                f"cannot read the {self.name} files in {self.files_dir} ({reason}): they are "
+                "damaged; delete them and download again (--download)"
+            ) from None
 
 
 class FashionMNISTDataModule(MNISTDataModule):
