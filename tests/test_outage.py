@@ -261,7 +261,7 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
 
 @pytest.mark.slow
 def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_completes_it(
-    tmp_path, monkeypatch, capsys
+    tmp_path, monkeypatch, capsys, caplog
 ):
     from .test_mlflow_tracking import EXTERNAL_KEYS, ExternalData, ExternalModule
 
@@ -291,6 +291,12 @@ def test_callback_in_an_own_module_spools_through_a_killed_server_and_sync_compl
         run_id = tracking.run.run_id
         spool = tmp_path / "mlflow-spool" / run_id
         assert (spool / "journal.jsonl").is_file()
+        # The fit's last word says what waits and the command that sends it.
+        [said] = [
+            r.getMessage() for r in caplog.records if "did not answer before" in r.getMessage()
+        ]
+        assert f"{Spool.load(spool).waiting()} writes of run {run_id}" in said
+        assert said.endswith(f"run: dlharness-sync {spool}")
 
         server = start_server(tmp_path, port)  # the same backend and artifact folder
         client = MlflowClient(url)
