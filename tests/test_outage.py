@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -100,6 +101,21 @@ def assert_same_as_reference(client: MlflowClient, run_id: str, ref_uri: str, re
     )
 
 
+def cli_through_outage(
+    monkeypatch, capsys, config: Path, url: str, fault: L.Callback
+) -> tuple[str, Path, str]:
+    """The CLI's training against `url` with `fault` among its callbacks: (run id, the run's
+    spool folder, standard error), once it exited 0 without a traceback."""
+    cli_trains_with(monkeypatch, fault)
+    capsys.readouterr()
+    code = train_main(["--config", str(config), "--tracking-uri", url])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "Traceback" not in captured.err
+    run_id = re.search(r"^run ([0-9a-f]{32}) finished", captured.out, re.MULTILINE).group(1)
+    return run_id, Path("mlflow-spool").resolve() / run_id, captured.err
+
+
 class FrozenServer(AfterStoredCheckpoint):
     """Stops the server's processes (SIGSTOP: the port stays open and nothing answers, as with
     an overloaded server or a partition without resets) at the start of epoch `epoch`, once the
@@ -138,15 +154,27 @@ class FrozenServer(AfterStoredCheckpoint):
         self.thaw()
 
 
+@pytest.fixture
+def served(tmp_path, monkeypatch) -> Iterator[tuple[subprocess.Popen, str]]:
+    """(process, URL) of a real server on a fresh store in `tmp_path`, which is the working
+    directory (the spool goes to ./mlflow-spool); stopped at the end, frozen or not."""
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    server = start_server(tmp_path, port)
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGCONT)
+        stop_server(server)
+
+
 @pytest.mark.slow
 def test_a_server_that_hangs_stalls_training_once_and_gets_everything_back_by_itself(
-    reference, tmp_path, monkeypatch, recwarn
+    reference, served, tmp_path, monkeypatch, recwarn
 ):
     ref_uri, ref_run, config = reference
-    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    server, url = served
     # Frozen for longer than a request waits (5 s, tried twice), thawed while training goes on:
     # four epochs of 20 batches × 0.2 s are left after it stops.
     frozen = FrozenServer(server, tmp_path / "artifacts", 2, thaw_after_s=14, batch_s=0.2)
@@ -169,29 +197,18 @@ def test_a_server_that_hangs_stalls_training_once_and_gets_everything_back_by_it
         assert_same_as_reference(MlflowClient(url), result.run_id, ref_uri, ref_run)
     finally:
         frozen.stop()
-        stop_server(server)
 
 
 @pytest.mark.slow
 def test_a_server_frozen_past_the_end_leaves_a_running_run_and_the_command_that_completes_it(
-    reference, tmp_path, capsys, monkeypatch
+    reference, served, tmp_path, capsys, monkeypatch
 ):
     ref_uri, ref_run, config = reference
-    monkeypatch.chdir(tmp_path)  # the spool goes to ./mlflow-spool
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = start_server(tmp_path, port)
+    server, url = served
     frozen = FrozenServer(server, tmp_path / "artifacts", 2, thaw_after_s=None)
-    cli_trains_with(monkeypatch, frozen)
     try:
-        capsys.readouterr()
-        code = train_main(["--config", str(config), "--tracking-uri", url])
-        captured = capsys.readouterr()
-        assert code == 0, captured.err[-3000:]
-        assert "Traceback" not in captured.err
-        run_id = re.search(r"^run ([0-9a-f]{32}) finished", captured.out, re.MULTILINE).group(1)
-        spool = Path("mlflow-spool").resolve() / run_id
-        last = captured.err.strip().splitlines()[-1]
+        run_id, spool, err = cli_through_outage(monkeypatch, capsys, config, url, frozen)
+        last = err.strip().splitlines()[-1]
         count = int(re.search(rf"(\d+) writes of run {run_id} wait in {spool}", last).group(1))
         assert last.endswith(f"run: dlharness-sync {spool}")
         assert count == Spool.load(spool).waiting() > 0
@@ -203,7 +220,6 @@ def test_a_server_frozen_past_the_end_leaves_a_running_run_and_the_command_that_
         assert_same_as_reference(client, run_id, ref_uri, ref_run)
     finally:
         frozen.stop()
-        stop_server(server)
 
 
 @pytest.fixture(scope="module")
@@ -231,15 +247,8 @@ def test_server_killed_mid_run_then_sync_gives_the_uninterrupted_run(
 
     # Killed once epoch 2's checkpoint is stored, before epoch 3 trains.
     outage = AfterStoredCheckpoint(tmp_path / "artifacts", 3, kill_server)
-    cli_trains_with(monkeypatch, outage)
-    capsys.readouterr()
-    code = train_main(["--config", str(config), "--tracking-uri", url])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-3000:]
-    assert "Traceback" not in captured.err
-    run_id = re.search(r"^run ([0-9a-f]{32}) finished", captured.out, re.MULTILINE).group(1)
-    spool = Path("mlflow-spool").resolve() / run_id
-    assert f"dlharness-sync {spool}" in captured.err
+    run_id, spool, err = cli_through_outage(monkeypatch, capsys, config, url, outage)
+    assert f"dlharness-sync {spool}" in err
     assert (spool / "journal.jsonl").is_file()
 
     server.wait()

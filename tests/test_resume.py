@@ -608,6 +608,12 @@ def test_checkpoint_naming_an_instantiator_is_refused(lab, victim, capsys, tmp_p
     replace_checkpoint(client, victim, 1, buffer.getvalue())
     refuse(capsys, uri, ["--resume", victim, "--max-epochs", "4"], "name an _instantiator")
     assert not marker.exists()
+    # The owner's opt-in loads the file as it is and resumes from it (a fit reads no
+    # _instantiator: only Lightning's load_from_checkpoint would construct it).
+    assert resume(uri, "--resume", victim, "--max-epochs", "3", "--trust-checkpoint") == 0
+    assert MlflowClient(uri).get_run(victim).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(victim, "val/loss")] == [0, 1, 2]
+    assert not marker.exists()
 
 
 def test_prepare_resume_returns_the_verified_checkpoint(lab, finished):

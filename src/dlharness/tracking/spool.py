@@ -119,6 +119,12 @@ http_defaults = _HttpDefaults()
 
 # Replays an operation the application spooled itself: (tracking URI, spool, entry) → None.
 Replayer = Callable[[str, "Spool", dict[str, Any]], None]
+# Writes that read the run first (what it holds decides what is written), journalled whole and
+# replayed by reading it then: name → write(client, run id, values).
+READ_THEN_WRITE: dict[str, Callable[[MlflowClient, str, Mapping[str, str]], None]] = {
+    "log_params_once": log_params_once,
+    "set_missing_tags": set_missing_tags,
+}
 
 
 class Spool:
@@ -232,6 +238,13 @@ class Spool:
                 journal.write(json.dumps(entry) + "\n")
                 journal.flush()
                 os.fsync(journal.fileno())
+
+    def queue(self, op: str, files: dict[str, str | os.PathLike] | None = None, **fields) -> None:
+        """Journal the operation and queue every later write behind it (it is sent, in order,
+        once the server answers)."""
+        with self._lock:
+            self._go_offline()
+            self.append(op, files, **fields)
 
     def append_if_offline(
         self, op: str, files: dict[str, str | os.PathLike] | None = None, **fields
@@ -505,25 +518,18 @@ class SpoolingClient(MlflowClient):
         return value
 
     def log_params_once(self, run_id: str, params: Mapping[str, str]) -> None:
-        """`params.log_params_once` through this client, spooled whole when the run cannot be
-        read."""
-        params = dict(params)
-        self._send(
-            "log_params_once",
-            lambda: log_params_once(self, run_id, params),
-            run_id=run_id,
-            params=params,
-        )
+        """`params.log_params_once` through this client."""
+        self._read_then_write("log_params_once", run_id, params)
 
     def set_missing_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        """`params.set_missing_tags` through this client, spooled whole likewise."""
-        tags = dict(tags)
-        self._send(
-            "set_missing_tags",
-            lambda: set_missing_tags(self, run_id, tags),
-            run_id=run_id,
-            tags=tags,
-        )
+        """`params.set_missing_tags` through this client."""
+        self._read_then_write("set_missing_tags", run_id, tags)
+
+    def _read_then_write(self, op: str, run_id: str, values: Mapping[str, str]) -> None:
+        """A write that reads the run first, journalled whole when the run cannot be read."""
+        values = dict(values)
+        write = READ_THEN_WRITE[op]
+        self._send(op, lambda: write(self, run_id, values), run_id=run_id, values=values)
 
     def log_artifact(self, run_id, local_path, artifact_path=None) -> None:
         name = Path(local_path).name
@@ -608,9 +614,7 @@ class SpoolingClient(MlflowClient):
         """An application's own operation, journalled in order and replayed by `replayer` (in
         this process once the server answers, else by `dlharness-sync` given the same one)."""
         self.spool.replayers[op] = replayer
-        with self.spool._lock:
-            self.spool._go_offline()
-            self.spool.append(op, files, **fields)
+        self.spool.queue(op, files, **fields)
 
     def _repository(self, run_id: str):
         if run_id not in self._repositories:
@@ -679,10 +683,8 @@ def _replay_one(
         params = [Param(k, v) for k, v in entry["params"]]
         tags = [RunTag(k, v) for k, v in entry["tags"]]
         client.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-    elif op == "log_params_once":
-        log_params_once(client, run_id, entry["params"])
-    elif op == "set_missing_tags":
-        set_missing_tags(client, run_id, entry["tags"])
+    elif op in READ_THEN_WRITE:
+        READ_THEN_WRITE[op](client, run_id, entry["values"])
     elif op == "log_artifact":
         [name] = entry["files"]
         client.log_artifact(run_id, str(spool.file(entry, name)), entry["artifact_path"])
