@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv train ui server docs test lint format clean
+.PHONY: venv train ui server docs test test-fast lint format clean
 
 venv: $(STAMP)
 
@@ -51,6 +51,10 @@ TEST_WORKERS ?= 2
 
 test: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+
+# The unit layer only (tests/unit: no fit, no subprocess, no network): seconds, after every change.
+test-fast: venv
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 lint: venv
 	$(BIN)/ruff check .
