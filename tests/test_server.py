@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -205,3 +206,34 @@ def test_server_script_refuses_no_workers(capsys):
 def test_four_trainings_at_once_through_the_server(server, tmp_path):
     train_concurrently(server.url, tmp_path)
     assert integrity(server.db_path) == "ok"
+
+
+LIBRARY_CALL = """
+import json, os
+import dlharness
+before = dict(os.environ)
+result = dlharness.train(dlharness.load_config({config!r}, {{"tracking.tracking_uri": {url!r}}}))
+after = dict(os.environ)
+print(json.dumps({{"status": result is not None, "changed": sorted(
+    key for key in set(before) | set(after) if before.get(key) != after.get(key))}}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_train_as_a_library_call_leaves_mlflows_http_settings_as_it_found_them(
+    server, config_file, tmp_path
+):
+    """In a fresh interpreter, as a user's own script calls it against an http:// store."""
+    code = LIBRARY_CALL.format(config=str(config_file), url=server.url)
+    completed = subprocess.run(
+        [PYTHON, "-c", code], cwd=tmp_path, env=cli_env(), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    report = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert report["status"]
+    # dlharness's own (MLFLOW_HTTP_REQUEST_*, set while it sends) are gone again. What
+    # Lightning's seeding and determinism and MLflow's fluent set_tracking_uri/set_experiment
+    # set for the process is theirs (docs/callback.md).
+    assert [key for key in report["changed"] if key.startswith("MLFLOW_HTTP")] == []
