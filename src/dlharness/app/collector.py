@@ -1,8 +1,8 @@
 """Python's cyclic garbage collector in a command's process.
 
-torch, Lightning and MLflow leave ≈600 000 objects behind on import, alive until the process
-ends, yet every full collection traces them all (0.3–0.4 s each on 2 cores) and so does the
-interpreter on its way out. `gc.freeze()` moves the objects alive at that moment out of the
+torch, Lightning and MLflow leave hundreds of thousands of objects behind on import, alive
+until the process ends, yet every full collection traces them all, and so does the interpreter
+on its way out. `gc.freeze()` moves the objects alive at that moment out of the
 collector's reach; they are still freed as usual when their last reference goes.
 """
 
@@ -17,9 +17,8 @@ _frozen_before_training = False
 
 def freeze_long_lived_objects() -> None:
     """Call once the heavy imports are done: freezes what is alive now, and what is alive at
-    exit; `freeze_before_training` then freezes again before the first fit. Measured 2026-12-01:
-    `dlharness-train` ends 0.3 s after its last line instead of 2.7 s; the full collection at
-    the end of a run 0.07 s instead of 0.4 s.
+    exit; `freeze_before_training` then freezes again before the first fit. What it saves at
+    the end of a command: docs/performance.md.
     """
     global _opted_in
     if _opted_in:
@@ -37,9 +36,9 @@ def freeze_before_training() -> None:
 
     After a freeze CPython counts no object as long-lived, so the rule that holds a full
     collection back until the long-lived objects have grown by a quarter no longer applies: the
-    next full collection comes within ≈70 000 allocations and traces everything made since the
-    freeze. Measured 2026-12-01 on digits: 0.15 s, during the fit's first `self.log`; frozen
-    again here, the one during fit traces only what fit made (≈7 ms on heavy). Once per
+    next full collection comes within tens of thousands of allocations and traces everything
+    made since the freeze, during the fit's first `self.log`; frozen again here, the one during
+    fit traces only what fit made (docs/performance.md). Once per
     process: before a later fit (a sweep's next trial) it would also freeze, for good, the
     garbage of the earlier ones that no collection has freed yet.
     """

@@ -80,8 +80,8 @@ def to_onnx(cpu_net: nn.Module, example_batch: torch.Tensor) -> onnx.ModelProto:
     example = example_batch[:1].detach().to("cpu", torch.float32)
     stream = io.BytesIO()
     with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated in favour of dynamo=True, which takes 2–4 s
-        # per export here against 0.2 s; for these convolutional nets both give one graph.
+        # The TorchScript exporter is deprecated in favour of dynamo=True, which takes ten times
+        # as long per export; for these convolutional nets both give one graph.
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             cpu_net,

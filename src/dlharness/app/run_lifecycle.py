@@ -28,7 +28,8 @@ from dlharness.tracking.spool import Replayer, Spool, SpoolingClient, is_unreach
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5
-# Seconds to wait for another process that is creating a fresh SQLite store's tables (≈1 s).
+# Seconds to wait for another process that is creating a fresh SQLite store's tables (it takes
+# about a second).
 STORE_LOCK_TIMEOUT_S = 120
 
 

@@ -29,7 +29,7 @@ from dlharness.tracking.redaction import redact_uri
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5000
 DEFAULT_ROOT = "mlserver"
-# Seconds a fresh server may take to answer /health: ≈9 s measured on 2 cores.
+# Seconds a fresh server may take to answer /health: ten times what it took on 2 cores.
 START_TIMEOUT_S = 90
 # Beside the store, for --basic-auth: the key that signs the UI's forms (CSRF), made once and
 # shared by every worker and restart, and the users database with the config naming it.
@@ -62,7 +62,7 @@ def server_env(auth_dir: Path | None = None) -> dict[str, str]:
     (`basic_auth_settings`)."""
     env = dict(os.environ)
     # The job runner serves MLflow's GenAI features, which training does not use; it is a
-    # second process and doubles the start time (≈19 s → ≈9 s measured).
+    # second process and doubles the start time.
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     # SQLAlchemy's default pool (5 + 10 overflow connections per worker) stalls a worker that
     # serves 32 trainings at once: store requests wait 30 s for a connection and fail, with

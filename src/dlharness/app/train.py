@@ -60,8 +60,8 @@ from dlharness.tracking.spool import Spool, SpoolingClient, http_defaults, is_un
 from dlharness.tracking.worker import StorageError, as_storage_error
 
 # Lightning imports omegaconf, where it is installed (DVC brings it), when it writes its first
-# checkpoint: ≈46 ms of the first epoch on the training thread. Imported with the rest, the
-# cost moves to start-up (it is not saved) and its objects are frozen with the command's.
+# checkpoint, on the training thread during the first epoch. Imported with the rest, the cost
+# moves to start-up (it is not saved) and its objects are frozen with the command's.
 with contextlib.suppress(ImportError):
     import omegaconf  # noqa: F401
 
@@ -337,8 +337,8 @@ def train(
     Under DDP only the leading process (global rank 0) opens and logs the run and returns
     its result; every other rank trains its shard in step with it and returns None.
     `fast_package_index` hands MLflow its package index from a per-environment cache (see
-    `PackageIndex`: it swaps a function inside MLflow while the index is built), ≈1.2 s less
-    at the end of the first run of a process. `callbacks` join the harness's own in the
+    `PackageIndex`: it swaps a function inside MLflow while the index is built), which
+    shortens the end of the first run of a process (docs/performance.md). `callbacks` join the harness's own in the
     leading process's Trainer, after the tracking callback (a sweep's pruning judge).
     """
     try:

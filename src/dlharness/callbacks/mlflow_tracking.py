@@ -62,8 +62,8 @@ log = logging.getLogger(__name__)
 CONFUSION_KEY = "val_confusion_matrix"
 DEFAULT_SPOOL_DIR = "mlflow-spool"
 # Seconds between redraws of the curves (the last epoch always redraws them): the UI charts
-# every epoch's values anyway, and on 0.5 s epochs redrawing each time is a fifth of what
-# tracking costs.
+# every epoch's values anyway, and on sub-second epochs redrawing each time is a large share
+# of what tracking costs.
 CURVES_EVERY_S = 5.0
 # The key of `job_seconds` for the CPU seconds of the process that draws the pictures.
 PICTURE_HELPER = "picture helper process"
@@ -141,11 +141,12 @@ class MlflowTracking(Checkpoint):
             ends fit with `TrainingInterrupted`. Without it Lightning's own handling applies
             (the run ends KILLED at its last stored checkpoint). Single-process fits only.
         fast_images: Write the confusion-matrix pictures in ``log_image``'s file layout with
-            the fastest PNG and WebP settings instead of calling ``log_image`` (≈8 ms instead
-            of ≈20 ms a picture); relies on MLflow's file naming, which a test checks.
-        draw_in_subprocess: Draw and encode the pictures (≈10 ms of CPU an epoch) in a helper
-            process at the lowest priority, which shares no interpreter lock with training; it
-            imports PIL and numpy only (≈0.3 s of CPU to start). Worth it where cores are idle
+            the fastest PNG and WebP settings instead of calling ``log_image`` (less than half
+            its CPU time a picture); relies on MLflow's file naming, which a test checks.
+        draw_in_subprocess: Draw and encode the pictures (milliseconds of CPU an epoch) in a
+            helper process at the lowest priority, which shares no interpreter lock with
+            training; it imports PIL and numpy only (a fraction of a second of CPU to start:
+            docs/performance.md). Worth it where cores are idle
             and the training thread is the bottleneck (a GPU fit); on a CPU fit that keeps every
             core busy it saves nothing. False draws them on the tracking thread.
         spool_dir: Where writes wait while the tracking server does not answer, a folder per run.

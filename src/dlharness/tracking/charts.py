@@ -1,8 +1,8 @@
 """Pictures drawn with PIL in a few milliseconds: curves, confusion matrices, ROC, image grids.
 
-matplotlib takes 100–300 ms per figure on this 2-core machine and competes with training for
-the cores whichever thread or process draws it (digits epochs went from 0.5 s to 1.1 s), and
-at the end of a run its ROC figure was a fifth of the end-of-run budget; these take ~5 ms.
+matplotlib takes tens of times as long per figure and competes with training for the cores
+whichever thread or process draws it (it doubled the digits epoch), and at the end of a run its
+ROC figure was a fifth of the end-of-run budget (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ CONFUSION_LABEL_W, CONFUSION_TOP = 90, 50
 
 @functools.cache
 def _font(size: int) -> ImageFont.ImageFont:
-    # Parsing the bundled font costs about 1 ms a time; a chart asks for a few sizes often.
+    # Parsing the bundled font each time would cost more than drawing; a chart asks for a few
+    # sizes often.
     return ImageFont.load_default(size=size)
 
 

@@ -81,7 +81,7 @@ def snapshot(value: Any) -> Any:
     originals in place), through dicts, lists and tuples, whose types are kept.
 
     Lightning's `apply_to_collection` does this too, but checks every one of a checkpoint's
-    ≈2 000 objects for dataclasses and more: ≈4 ms per checkpoint on the training thread.
+    thousands of objects for dataclasses and more, on the training thread.
     """
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
@@ -102,9 +102,9 @@ class BackgroundCheckpointIO(CheckpointIO):
     """A strategy's `CheckpointIO` that writes the files under `folder` on the tracking worker,
     with plain hyperparameters only (`with_plain_hyperparameters`).
 
-    For those, `save_checkpoint` returns once the tensors are copied (≈1 ms for the 3.5 MB
-    heavy-benchmark checkpoint) and leaves `torch.save` to the worker: pickling and writing took
-    15–45 ms per epoch on the training thread here. Lightning's ``AsyncCheckpointIO`` does the
+    For those, `save_checkpoint` returns once the tensors are copied and leaves `torch.save` to
+    the worker: pickling and writing cost the training thread ten times the copy
+    (docs/performance.md). Lightning's ``AsyncCheckpointIO`` does the
     same on a thread of its own; on the worker's queue the write runs before any job submitted
     after it, so an upload queued next finds the file complete. A write that fails is reported
     by the worker like any tracking job. Every other save, and all loading and removing, goes

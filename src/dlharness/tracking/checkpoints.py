@@ -67,7 +67,7 @@ def store_checkpoint(
     """Move the written `partial` file into place, then upload it and its record (the record
     last: a checkpoint without one is incomplete and never resumed from), then tag the run's
     latest and best checkpoints, in one `log_batch` with `metrics` (the epoch's values: one
-    database write an epoch instead of two, ≈8 ms of CPU each on SQLite here)."""
+    database write an epoch instead of two, each milliseconds of CPU on SQLite)."""
     path = partial.with_name(CHECKPOINT_FILE)
     os.replace(partial, path)  # a complete file or none, never half of one
     record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}

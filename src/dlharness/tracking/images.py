@@ -1,11 +1,11 @@
 """Images in the layout of MLflow's `log_image`, encoded for speed.
 
 `MlflowClient.log_image(run_id, image, key=, step=)` writes a PNG, a WebP preview at most
-256 px a side, and sets the run's ``mlflow.loggedImages`` tag: ≈20 ms of CPU per picture here,
-most of it in PIL's default PNG and WebP settings. The UI finds the pictures by their file
-names. This writes the same two files with the fastest encoder settings (PNG at zlib level 1,
-lossless WebP at method 0: ≈8 ms) and leaves the tag, which needs setting once per run, to
-the caller.
+256 px a side, and sets the run's ``mlflow.loggedImages`` tag, most of its CPU time going to
+PIL's default PNG and WebP settings. The UI finds the pictures by their file names. This
+writes the same two files with the fastest encoder settings (PNG at zlib level 1, lossless
+WebP at method 0: less than half the time) and leaves the tag, which needs setting once per
+run, to the caller.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def log_step_image_files(client: MlflowClient, run_id: str, png: Path, webp: Pat
 
 def log_png(client: MlflowClient, run_id: str, image: Image.Image, artifact_file: str) -> None:
     """`client.log_image(run_id, image, artifact_file=...)` at zlib level 1 instead of PIL's
-    default 6: the end of a run's three pictures encode in ≈27 ms instead of ≈67 ms here
-    (the misclassified images' grid 14 instead of 48), files ≈10 % larger."""
+    default 6: the end of a run's three pictures encode in less than half the time, files
+    about a tenth larger."""
     log_written_file(
         client, run_id, artifact_file, lambda path: image.save(path, format="PNG", compress_level=1)
     )

@@ -1,11 +1,11 @@
 """A helper process that draws and encodes the tracked pictures.
 
 Drawing a confusion matrix and encoding its PNG and WebP, or the two curve charts, takes
-15–25 ms of CPU an epoch here, most of it Python holding the interpreter lock: on the tracking
+milliseconds of CPU an epoch, most of it Python holding the interpreter lock: on the tracking
 thread every millisecond of it is one the training loop may wait to get the lock back between
 torch ops. In a process of its own, at the lowest priority, the same work shares no lock with
-training. It imports PIL and numpy only and is started on the first picture (≈0.3 s of CPU
-on a busy 2-core machine, where no core is idle and that start-up outweighed the saving:
+training. It imports PIL and numpy only and is started on the first picture (its start-up
+outweighed the saving on a busy 2-core machine, where no core is idle:
 docs/performance.md; it is meant for machines with idle cores, such as a GPU machine's). The
 tracking thread hands it a request and waits (blocked on a pipe, holding no lock); the files
 it writes are then logged by the thread as before. If the helper cannot start or dies, the

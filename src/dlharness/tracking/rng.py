@@ -27,7 +27,7 @@ def capture_rng_state() -> dict[str, Any]:
         },
         "python": random.getstate(),
     }
-    # Initialised implies available; `is_available` alone asks NVML each time (≈0.25 ms here).
+    # Initialised implies available; `is_available` alone asks NVML each time (per checkpoint).
     if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state

@@ -106,7 +106,8 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
 def status_after(exception: BaseException | None) -> str:
     """FINISHED after a clean fit, KILLED after Ctrl-C or a stop signal, FAILED otherwise."""
     # Lightning's SIGTERMException exists only where Lightning is loaded: not imported here, so
-    # that the CLIs which only read runs (compare, serve, predict) start without it (≈5 s).
+    # that the CLIs which only read runs (compare, serve, predict) start without its import,
+    # the slowest of theirs.
     lightning_exceptions = sys.modules.get("lightning.pytorch.utilities.exceptions")
     stops: tuple[type[BaseException], ...] = (KeyboardInterrupt, TrainingInterrupted)
     if lightning_exceptions is not None:

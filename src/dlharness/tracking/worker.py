@@ -57,8 +57,8 @@ class TrackingWorker:
     once per kind of job, and never reaches the training loop.
 
     Jobs must not run torch operations: the first one on this thread starts a second OpenMP
-    thread team that keeps competing with training for the cores (measured here: digits
-    epochs went from 0.5 s to 1.0 s). Hand jobs numpy arrays and files instead.
+    thread team that keeps competing with training for the cores (it doubled the digits
+    epoch: docs/performance.md). Hand jobs numpy arrays and files instead.
 
     A job that meets a full, read-only or forbidden artifact store is different: more
     training would only produce more that cannot be kept. The first such failure is kept as
