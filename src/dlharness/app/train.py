@@ -338,8 +338,9 @@ def train(
     its result; every other rank trains its shard in step with it and returns None.
     `fast_package_index` hands MLflow its package index from a per-environment cache (see
     `PackageIndex`: it swaps a function inside MLflow while the index is built), which
-    shortens the end of the first run of a process (docs/performance.md). `callbacks` join the harness's own in the
-    leading process's Trainer, after the tracking callback (a sweep's pruning judge).
+    shortens the end of the first run of a process (docs/performance.md). `callbacks` join
+    the harness's own in the leading process's Trainer, after the tracking callback (a
+    sweep's pruning judge).
     """
     try:
         if not is_launch_leader():
