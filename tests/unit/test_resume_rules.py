@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from dlharness.app.config import TrainConfig
-from dlharness.app.resume import SAFE_ON_RESUME, apply_overrides
+from dlharness.app.cli import build_parser, flag_keys, resumable_flags, unflagged_resumable
+from dlharness.app.config import CHANGES_ON_RESUME, SAFE_ON_RESUME, TrainConfig, dotted_fields
+from dlharness.app.resume import apply_overrides
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
+
+from ..conftest import REPO
 
 LOGGED = TrainConfig().to_dict()
 
@@ -46,3 +51,20 @@ def test_a_resume_refuses_naming_both_values(key, value):
 def test_the_logged_value_itself_is_no_change(key, value):
     same = flatten(LOGGED)[key]
     assert flatten(apply_overrides(LOGGED, {key: same}))[key] == same
+
+
+def test_the_keys_a_resume_may_change_are_declared_once_and_listed_alike():
+    """Declared on the config's fields; `--resume`'s help and docs/resume.md list them all."""
+    declared = {key for key, item in dotted_fields() if item.metadata.get(CHANGES_ON_RESUME)}
+    assert declared == SAFE_ON_RESUME
+    flags, keys = set(resumable_flags()), set(unflagged_resumable())
+    assert {dotted for flag, dotted in flag_keys() if flag in flags} | keys == SAFE_ON_RESUME
+    [group] = [g for g in build_parser()._action_groups if g.title == "resume"]
+    assert set(re.findall(r"--[a-z-]+", group.description)) == flags
+    assert (
+        set(re.findall(r"tracker\.\w+|\w+\.\w+", group.description.split("in a config")[1])) == keys
+    )
+    text = (REPO / "docs" / "resume.md").read_text()
+    listed = text[text.index("keeps this list equal") : text.index("A checkpoint written on a GPU")]
+    assert set(re.findall(r"`(--[a-z-]+)`", listed)) == flags
+    assert set(re.findall(r"`([a-z_]+\.[a-z_]+)`", listed)) == keys

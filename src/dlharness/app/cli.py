@@ -19,6 +19,7 @@ from dlharness.app.config import (
     MODELS,
     OPTIMIZERS,
     PRECISIONS,
+    SAFE_ON_RESUME,
     SCHEDULERS,
     STRATEGIES,
     TrainConfig,
@@ -88,6 +89,23 @@ SWITCHES = (
      "do not sample CPU/GPU/memory use into system/* metrics (default: sampled)"),
 )  # fmt: skip
 CONFIG_DESTS = frozenset({f[1] for f in FLAGS} | {s[1] for s in SWITCHES})
+# Sets `tracking.tags`, one KEY=VALUE a time.
+TAG_FLAG = ("--tag", "tracking.tags")
+
+
+def flag_keys() -> list[tuple[str, str]]:
+    """(flag, dotted config key) of every flag that sets one."""
+    return [(flag, dotted) for flag, dotted, *_ in (*FLAGS, *SWITCHES)] + [TAG_FLAG]
+
+
+def resumable_flags() -> list[str]:
+    """The flags of the keys a resume may change (`SAFE_ON_RESUME`), as --help orders them."""
+    return [flag for flag, dotted in flag_keys() if dotted in SAFE_ON_RESUME]
+
+
+def unflagged_resumable() -> list[str]:
+    """The keys a resume may change that no flag sets (a config file does)."""
+    return sorted(SAFE_ON_RESUME - {dotted for _, dotted in flag_keys()})
 
 
 def _default_of(dotted: str) -> Any:
@@ -147,8 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume = parser.add_argument_group(
         "resume",
         "continue a logged run from its checkpoint; its logged config is reused and only "
-        "--max-epochs, --accelerator, --devices, --data-dir, --num-workers, --data-on-device, "
-        "--channels-last, --early-stop-patience and logging flags may change",
+        f"{', '.join(resumable_flags())} may change (and in a config "
+        f"{', '.join(unflagged_resumable())})",
     )
     resume.add_argument(
         "--resume",

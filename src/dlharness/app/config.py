@@ -41,16 +41,24 @@ AUGMENTATIONS = ("none", "crop_flip")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_KEY = re.compile(r"[\w\-. /]+")
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][\w\-.]*")
+# A field's metadata: a resume may change its value. Where and how long the run trains and what
+# it logs on the side may change; every other key (data, network, optimiser, seed, precision)
+# would not continue the same training, and a resume refuses a change to it.
+CHANGES_ON_RESUME = "changes_on_resume"
+
+
+def _resumable(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    return field(default=default, metadata={CHANGES_ON_RESUME: True}, **kwargs)
 
 
 @dataclass
 class DataConfig:
     dataset: str = "digits"
     # Root for torchvision data sets (they live in sub-folders) or the image folder itself.
-    data_dir: str = "data"
-    download: bool = False
+    data_dir: str = _resumable("data")
+    download: bool = _resumable(False)
     batch_size: int = 64
-    num_workers: int = 0
+    num_workers: int = _resumable(0)
     # Fractions of the whole set for digits/imagefolder; for torchvision sets, whose test split
     # is fixed, val_fraction is taken from the official training split and test_fraction unused.
     val_fraction: float = 0.15
@@ -61,7 +69,7 @@ class DataConfig:
     # Hold every split as tensors on the training device (read and transformed once, with
     # num_workers): a batch is then one indexing op, with no per-sample collation and no
     # host-to-device copy. For sets that fit in the device's memory (CIFAR-10: 0.6 GB).
-    on_device: bool = False
+    on_device: bool = _resumable(False)
     # Training-split augmentation: none, or crop_flip (random crop after padding by an eighth of
     # the side, and a horizontal flip); null takes the data set's default (crop_flip for
     # cifar10, none for the others).
@@ -93,19 +101,19 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 20
-    accelerator: str = "auto"
-    devices: int | str = "auto"
+    max_epochs: int = _resumable(20)
+    accelerator: str = _resumable("auto")
+    devices: int | str = _resumable("auto")
     precision: str = "32"
-    strategy: str = "auto"
+    strategy: str = _resumable("auto")
     # Machines in a multi-node DDP job (each runs the same command; see the README).
-    num_nodes: int = 1
+    num_nodes: int = _resumable(1)
     deterministic: bool = True
     # NHWC weights and batches: faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
-    channels_last: bool = False
+    channels_last: bool = _resumable(False)
     # Run the network through torch.compile (Inductor): compiled at the first batches of each
     # shape and mode, faster after that. Checkpoints and logged models are the same either way.
-    compile: bool = False
+    compile: bool = _resumable(False)
     # Lightning's own: clip gradients to this norm (null: no clipping); sum the gradients of
     # this many batches before each optimiser step.
     gradient_clip_val: float | None = None
@@ -115,15 +123,15 @@ class TrainerConfig:
 @dataclass
 class TrackingConfig:
     # null: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
-    tracking_uri: str | None = None
+    tracking_uri: str | None = _resumable(None)
     experiment: str = "dlharness"
-    run_name: str | None = None
-    tags: dict[str, str] = field(default_factory=dict)
+    run_name: str | None = _resumable(None)
+    tags: dict[str, str] = _resumable(default_factory=dict)  # noqa: RUF009 (a field())
     autolog: bool = True
     # MLflow's sampler of CPU, memory, disk, network and (with NVML) GPU use, as system/* metrics.
-    system_metrics: bool = True
+    system_metrics: bool = _resumable(True)
     # Registered-model name for the best model; its new version gets the alias "candidate".
-    register_model: str | None = None
+    register_model: str | None = _resumable(None)
     # Where writes go while the tracking server does not answer, one folder per run; replay
     # them with `dlharness-sync FOLDER/RUN_ID`.
     spool_dir: str = "mlflow-spool"
@@ -135,16 +143,16 @@ class TrackerConfig:
 
     checkpoint_every_n_epochs: int = 1
     # Checkpoints kept in the run: the last K plus the best; null keeps all.
-    keep_last_checkpoints: int | None = 5
+    keep_last_checkpoints: int | None = _resumable(5)
     monitor: str = "val/loss"
     mode: str = "min"
     # Loss/metric curves and the validation confusion matrix, re-drawn every epoch.
-    plots: bool = True
-    onnx: bool = True
+    plots: bool = _resumable(True)
+    onnx: bool = _resumable(True)
     # Stop after this many validation epochs without an improvement of `monitor` by more than
     # `min_delta`; null trains every epoch.
-    early_stop_patience: int | None = None
-    min_delta: float = 0.0
+    early_stop_patience: int | None = _resumable(None)
+    min_delta: float = _resumable(0.0)
 
 
 @dataclass
@@ -169,6 +177,19 @@ class TrainConfig:
             or os.environ.get("MLFLOW_TRACKING_URI")
             or DEFAULT_TRACKING_URI
         )
+
+
+def dotted_fields(config: Any = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
+    """Every key of the config as a dotted path, with its dataclass field."""
+    config = TrainConfig() if config is None else config
+    found = []
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if dataclasses.is_dataclass(value):
+            found += dotted_fields(value, f"{prefix}{item.name}.")
+        else:
+            found.append((f"{prefix}{item.name}", item))
+    return found
 
 
 def load_config(
@@ -382,3 +403,9 @@ def parse_devices(devices: int | str) -> int | str | list[int]:
         f"trainer.devices '{devices}' is not valid: "
         "use auto, a count (1, 2, -1 for all) or GPU ids like 0,1"
     )
+
+
+# What a resume may change, from the fields' declarations (`CHANGES_ON_RESUME`).
+SAFE_ON_RESUME = frozenset(
+    key for key, item in dotted_fields() if item.metadata.get(CHANGES_ON_RESUME)
+)

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from dlharness.app.config import TrainConfig, from_dict, set_dotted, validate
+from dlharness.app.config import SAFE_ON_RESUME, TrainConfig, from_dict, set_dotted, validate
 from dlharness.app.run_lifecycle import server_refusal
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
@@ -34,34 +34,6 @@ from dlharness.tracking.checkpoints import (
 )
 from dlharness.tracking.params import flatten
 
-# What a resume may change: where and how long it trains, and what it logs on the side.
-# Everything else (data, network, optimiser, seed, precision) would not continue the same
-# training, and is refused.
-SAFE_ON_RESUME = frozenset(
-    {
-        "trainer.max_epochs",
-        "trainer.accelerator",
-        "trainer.devices",
-        "trainer.strategy",
-        "trainer.num_nodes",
-        "trainer.channels_last",
-        "trainer.compile",
-        "data.data_dir",
-        "data.on_device",
-        "data.download",
-        "data.num_workers",
-        "tracking.tracking_uri",
-        "tracking.run_name",
-        "tracking.tags",
-        "tracking.system_metrics",
-        "tracking.register_model",
-        "tracker.plots",
-        "tracker.onnx",
-        "tracker.keep_last_checkpoints",
-        "tracker.early_stop_patience",
-        "tracker.min_delta",
-    }
-)
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _RUNS_URI = re.compile(
     r"^runs:/(?P<run>[0-9a-f]{32})/checkpoints/epoch_(?P<epoch>\d+)(?:/checkpoint\.pth)?/?$"
