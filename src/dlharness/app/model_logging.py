@@ -24,11 +24,14 @@ from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-import dlharness
 from dlharness.data import ClassificationDataModule
 from dlharness.models import nets
 from dlharness.serving import ImagePreprocessing, log_classifier, pinned
 from dlharness.tracking.spool import Spool, SpoolingClient
+
+# The installed package's folder (the models' code, the run's source); found from here, not by
+# importing the package, which imports this module.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
 
 CANDIDATE_ALIAS = "candidate"
 
@@ -69,7 +72,7 @@ def log_network(net: nn.Module, example_batch: torch.Tensor, name: str = "model"
             signature=infer_signature(example.numpy(), outputs.numpy()),
             input_example=example.numpy(),
             pip_requirements=pinned("torch", "torchvision", "numpy"),
-            code_paths=[str(Path(dlharness.__file__).parent)],
+            code_paths=[str(PACKAGE_DIR)],
             serialization_format="pickle",
         )
 

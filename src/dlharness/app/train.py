@@ -30,7 +30,6 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
-import dlharness
 from dlharness.app.collector import freeze_before_training
 from dlharness.app.components import build_datamodule, build_module
 from dlharness.app.config import TrainConfig, parse_devices
@@ -40,6 +39,7 @@ from dlharness.app.distributed import is_launch_leader
 from dlharness.app.evaluation import evaluate, log_evaluation
 from dlharness.app.model_logging import (
     FINAL_MODEL_OP,
+    PACKAGE_DIR,
     ServedClasses,
     log_final_model,
     replay_final_model,
@@ -179,7 +179,7 @@ def build_tracking(
         # cores are busy with training: a helper process costs its start-up and saves nothing.
         draw_in_subprocess=accelerator == "gpu",
         spool_dir=cfg.tracking.spool_dir,
-        source_dir=str(Path(dlharness.__file__).parent),
+        source_dir=str(PACKAGE_DIR),
     )
 
 
