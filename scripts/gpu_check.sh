@@ -52,8 +52,8 @@ step() {
 for name in "${STEPS[@]}"; do
     case $name in
     tests)
-        step 170 gpu-tests.log "$PYTHON" -m pytest -q -ra -p no:cacheprovider tests/test_gpu.py \
-            tests/test_tracker.py::test_real_gpu_is_described tests/test_cli.py -k "gpu or bad_input"
+        step 170 gpu-tests.log "$PYTHON" -m pytest -q -ra -p no:cacheprovider tests/integration/test_gpu.py \
+            tests/integration/test_tracker.py::test_real_gpu_is_described tests/integration/test_cli.py -k "gpu or bad_input"
         ;;
     profile)
         # The second epoch of the 2026-11-26 workload (batch 256, uncompiled), as dlharness runs it.

@@ -9,7 +9,7 @@ import json
 import subprocess
 import textwrap
 
-from .conftest import PYTHON, cli_env
+from ..conftest import PYTHON, cli_env
 
 PROBE = textwrap.dedent(
     """

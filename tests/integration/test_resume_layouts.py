@@ -19,7 +19,7 @@ from dlharness.app.cli import main
 from dlharness.app.config import load_config
 from dlharness.app.train import train
 
-from .conftest import make_store
+from ..conftest import make_store
 from .test_resume import TINY_YAML, assert_one_value_per_epoch, assert_same_training
 
 pytestmark = pytest.mark.usefixtures("torch_default_threads")

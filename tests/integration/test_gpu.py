@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.app.cli import main
 from dlharness.app.train import train
 
-from .conftest import PYTHON, REPO, cli_env, tiny_config
+from ..conftest import PYTHON, REPO, cli_env, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

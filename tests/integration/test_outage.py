@@ -35,7 +35,7 @@ from dlharness.app.train import train
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.tracking.spool import HTTP_DEFAULTS, Spool, SpoolWarning
 
-from .conftest import (
+from ..conftest import (
     AfterStoredCheckpoint,
     artifact_paths,
     cli_trains_with,

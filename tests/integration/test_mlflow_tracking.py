@@ -33,7 +33,7 @@ from dlharness import CheckpointError, MlflowTracking, checkpoint_path
 from dlharness.callbacks.mlflow_tracking import PICTURE_HELPER
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, stored_epochs
 
-from .conftest import artifact_paths, empty_store
+from ..conftest import artifact_paths, empty_store
 
 EXTERNAL_KEYS = ("train_loss_epoch", "val_loss", "val_acc")
 

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.app.cli import main
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import assert_nothing_running
+from ..conftest import assert_nothing_running
 
 TRAININGS = 4
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1")

@@ -19,7 +19,7 @@ from dlharness.app.config import load_config
 from dlharness.app.data_version import data_version, experiment_tags
 from dlharness.app.train import train
 
-from .conftest import PYTHON, REPO, cli_env, empty_store, tiny_config
+from ..conftest import PYTHON, REPO, cli_env, empty_store, tiny_config
 from .datafiles import write_image_folder
 
 EXAMPLE = REPO / "examples" / "dvc-pipeline"

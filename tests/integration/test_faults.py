@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.app.cli import main
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
 
-from .conftest import AfterStoredCheckpoint, cli_trains_with, empty_store
+from ..conftest import AfterStoredCheckpoint, cli_trains_with, empty_store
 
 FAULT_YAML = """
 data: {batch_size: 64}

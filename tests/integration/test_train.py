@@ -16,7 +16,7 @@ from dlharness.app.train import build_trainer, train
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
 
-from .conftest import run_statuses, tiny_config
+from ..conftest import run_statuses, tiny_config
 from .datafiles import write_image_folder
 
 EPOCH_METRICS = [

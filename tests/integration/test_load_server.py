@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from .conftest import bench_module, empty_store
+from ..conftest import bench_module, empty_store
 
 load = bench_module("server_load")
 

@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store
+from ..conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store
 
 EXAMPLE = REPO / "examples" / "own_module.py"
 

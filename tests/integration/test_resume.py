@@ -33,7 +33,7 @@ from dlharness.tracking.checkpoints import (
 )
 from dlharness.tracking.interruption import TrainingInterrupted
 
-from .conftest import PYTHON, REPO, SignalWindow, assert_nothing_running, cli_env, make_store
+from ..conftest import PYTHON, REPO, SignalWindow, assert_nothing_running, cli_env, make_store
 from .forked_cli import ForkedCli
 
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")

@@ -24,7 +24,7 @@ from dlharness.app.distributed import is_launch_leader
 from dlharness.app.server import free_port
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, epoch_histories
+from ..conftest import PYTHON, REPO, assert_nothing_running, cli_env, epoch_histories
 
 TRAIN = str(REPO / "scripts" / "train.py")
 EPOCH_KEYS = ("train/loss", "train/acc", "train/lr", "val/loss", "val/acc", "val/f1", "val/auroc")

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.app.cli import FLAGS, SWITCHES, build_parser, main
 
-from .conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
+from ..conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
 
 TRAIN_SCRIPT = str(REPO / "scripts" / "train.py")
 

@@ -22,7 +22,7 @@ from dlharness.app.train import FAILURE_TAG
 from dlharness.data.fingerprint import content_digest
 from dlharness.data.imagefolder import ImageFolderDataModule
 
-from .conftest import AfterStoredCheckpoint, cli_trains_with, run_statuses
+from ..conftest import AfterStoredCheckpoint, cli_trains_with, run_statuses
 from .datafiles import write_cifar10, write_image_folder, write_mnist
 
 FOLDER = {"red": 10, "green": 10, "blue": 10}

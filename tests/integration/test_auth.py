@@ -21,7 +21,7 @@ from dlharness.app.server import SECRET_KEY_FILE, free_port, stop_server, wait_u
 from dlharness.app.sync import main as sync_main
 from dlharness.tracking.spool import Spool
 
-from .conftest import PYTHON, REPO, cli_env, empty_store
+from ..conftest import PYTHON, REPO, cli_env, empty_store
 
 ADMIN_PASSWORD = "admin-pass-1234-long"
 ANA_PASSWORD = "ana-pass-5678-long"

@@ -14,7 +14,7 @@ from dlharness.app.compare import main
 from dlharness.app.config import load_config
 from dlharness.app.train import train
 
-from .conftest import PYTHON, REPO, cli_env, make_store
+from ..conftest import PYTHON, REPO, cli_env, make_store
 
 LEARNING_RATES = (0.001, 0.003, 0.01)
 METRICS = ("val/loss", "val/acc")

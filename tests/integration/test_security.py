@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.app.train import train
 from dlharness.tracking.redaction import REDACTED, redact_uri
 
-from .conftest import tiny_config
+from ..conftest import tiny_config
 
 SECRETS = ("tok-3f9a1c", "sk-live-77e2", "hunter2-db", "s3cr3t-pw")
 

@@ -17,7 +17,7 @@ from dlharness.app import compare, sweep
 from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import PYTHON, cli_env, empty_store
+from ..conftest import PYTHON, cli_env, empty_store
 
 BASE_YAML = """
 data: {batch_size: 128}

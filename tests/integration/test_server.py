@@ -26,7 +26,7 @@ from dlharness.app.server import main as server_main
 from dlharness.app.server import running_server, server_env
 from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
 
-from .conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories
+from ..conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories
 from .test_concurrency import integrity, train_concurrently
 
 POSTGRES_URI = os.environ.get("DLHARNESS_TEST_POSTGRES_URI") or None

@@ -16,7 +16,7 @@ from dlharness.data import DATAMODULES
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_default_yaml_equals_builtin_defaults():

@@ -45,7 +45,7 @@ from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, s
 from dlharness.tracking.picture_files import write_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
 
-from .conftest import (
+from ..conftest import (
     DEFAULT_RUN_TAGS,
     REGISTERED_NAME,
     REPO,

@@ -16,7 +16,7 @@ from dlharness.app.resume import prepare_resume
 from dlharness.app.train import build_trainer, train
 from dlharness.tracking.checkpoints import stored_epochs
 
-from .conftest import REPO, tiny_config
+from ..conftest import REPO, tiny_config
 
 QUICK = {"tracker.plots": False, "tracker.onnx": False, "tracking.system_metrics": False}
 RUN_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{1,3}$")
@@ -26,7 +26,7 @@ RUN_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{1,3}$")
 def runs(tmp_path_factory):
     """(store, an early-stopped run, a run with clipping, accumulation and warm-up), both with
     the same seed and no run name."""
-    from .conftest import make_store
+    from ..conftest import make_store
 
     uri = make_store(tmp_path_factory.mktemp("options"))
     # No epoch can improve val/loss by 10: the first sets the best, the next exhausts patience 1.

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from .conftest import bench_module
+from ..conftest import bench_module
 
 bench = bench_module("tracking_cost")
 VARIANTS, Workload, main, measure = bench.VARIANTS, bench.Workload, bench.main, bench.measure
