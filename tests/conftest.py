@@ -85,6 +85,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=rank)  # stable: a file's tests keep their order
 
 
+@pytest.fixture(autouse=True)
+def _own_experiment_variables(monkeypatch):
+    """Each test starts with the experiment variables it was given: `mlflow.set_experiment`,
+    which the harness calls, sets ``$MLFLOW_EXPERIMENT_ID`` for the whole process, and a new
+    run of MlflowTracking's goes where it points."""
+    for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        # setenv records the value before (or its absence) for teardown; delenv alone would
+        # record nothing for a variable that is not set.
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        if not os.environ[key]:
+            monkeypatch.delenv(key)
+
+
 @pytest.fixture(scope="module")
 def torch_default_threads():
     """torch's default thread count in this process and the ones it starts, for a module whose

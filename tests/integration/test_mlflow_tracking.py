@@ -212,6 +212,40 @@ def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkp
     assert result["val_loss"] == pytest.approx(val_loss[best], rel=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("choose", "expected"),
+    [
+        (lambda uri, monkeypatch: None, "dlharness"),
+        (lambda uri, monkeypatch: mlflow.set_experiment("boring"), "boring"),
+        (lambda uri, monkeypatch: monkeypatch.setenv(
+            "MLFLOW_EXPERIMENT_ID", MlflowClient(uri).create_experiment("by-id")), "by-id"),
+        (lambda uri, monkeypatch: monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "by-name"), "by-name"),
+    ],
+    ids=["default", "set_experiment", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"],
+)  # fmt: skip
+def test_a_new_run_goes_where_mlflows_fluent_api_says(uri, monkeypatch, choose, expected):
+    mlflow.set_tracking_uri(uri)
+    choose(uri, monkeypatch)
+    tracking = MlflowTracking(system_metrics=False, plots=False)
+    trainer_for(tracking, max_epochs=1).fit(BoringModel())
+    client = MlflowClient(uri)
+    experiment = client.get_experiment(client.get_run(tracking.run.run_id).info.experiment_id)
+    assert experiment.name == expected
+    # An explicit name wins over all of them.
+    named = MlflowTracking(experiment_name="explicit", system_metrics=False, plots=False)
+    trainer_for(named, max_epochs=1).fit(BoringModel())
+    assert client.get_run(named.run.run_id).info.experiment_id == (
+        client.get_experiment_by_name("explicit").experiment_id
+    )
+
+
+def test_an_experiment_id_that_names_nothing_is_one_clear_error(uri, monkeypatch):
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "424242")
+    with pytest.raises(ValueError, match="MLFLOW_EXPERIMENT_ID=424242 names no experiment"):
+        trainer_for(MlflowTracking(system_metrics=False), max_epochs=1).fit(BoringModel())
+
+
 def test_inside_an_active_run_it_logs_there_and_leaves_it_open(uri):
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("mine")

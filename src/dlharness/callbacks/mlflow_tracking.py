@@ -120,7 +120,9 @@ class MlflowTracking(Checkpoint):
         run_id: Continue this run (its histories go on where they stopped).
         tracking_uri: For a new or continued run; else ``$MLFLOW_TRACKING_URI``, else MLflow's
             default.
-        experiment_name: For a new run; else ``$MLFLOW_EXPERIMENT_NAME``, else ``dlharness``.
+        experiment_name: For a new run; else the experiment ``mlflow.set_experiment`` made
+            active (``$MLFLOW_EXPERIMENT_ID``), else ``$MLFLOW_EXPERIMENT_NAME``, else
+            ``dlharness``.
         run_name: For a new run; else an adjective-noun-number name, as MLflow gives.
         tags: Tags of a new run.
         monitor: The metric that picks the best checkpoint (kept beyond `keep_last`); None

@@ -54,11 +54,11 @@ def bind_run(
     tags: Mapping[str, str] | None,
 ) -> BoundRun:
     """The run to log into: the Trainer's `MLFlowLogger`'s, else `run_id` (reopened), else the
-    active fluent run, else a new one in `experiment_name` (``$MLFLOW_EXPERIMENT_NAME``, else
-    ``dlharness``).
+    active fluent run, else a new one in the experiment `new_run_experiment` picks.
 
     Raises:
-        ValueError: `run_id` names no run in the tracking store.
+        ValueError: `run_id` names no run in the tracking store, or ``$MLFLOW_EXPERIMENT_ID``
+            no experiment.
     """
     logger = mlflow_logger(trainer)
     if logger is not None:
@@ -79,14 +79,31 @@ def bind_run(
         return BoundRun(active.info.run_id, mlflow.get_tracking_uri(), ACTIVE)
     uri = tracking_uri or mlflow.get_tracking_uri()
     client = MlflowClient(uri)
-    name = experiment_name or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     # resolve_tags adds what MLflow's own start_run records: user, source, git commit.
     run = client.create_run(
-        _experiment_id(client, name),
+        new_run_experiment(client, experiment_name),
         run_name=run_name or fresh_run_name(),
         tags=resolve_tags(redact(dict(tags or {}))),
     )
     return BoundRun(run.info.run_id, uri, CREATED)
+
+
+def new_run_experiment(client: MlflowClient, experiment_name: str | None) -> str:
+    """The id of the experiment a new run goes to: `experiment_name` if given, else the one
+    `mlflow.set_experiment` made active (it sets ``$MLFLOW_EXPERIMENT_ID``, which a launcher
+    may also have set), else ``$MLFLOW_EXPERIMENT_NAME`` (created if missing), else
+    ``dlharness``."""
+    if experiment_name:
+        return _experiment_id(client, experiment_name)
+    if chosen := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        try:
+            return client.get_experiment(chosen).experiment_id
+        except MlflowException:
+            raise ValueError(
+                f"MlflowTracking: MLFLOW_EXPERIMENT_ID={chosen} names no experiment in "
+                f"{client.tracking_uri}; unset it, or pass experiment_name"
+            ) from None
+    return _experiment_id(client, os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:
