@@ -155,13 +155,13 @@ def profile_workload(
     cfg = bench.build_config(work, scratch / "data", store, "gpu" if device == "gpu" else "cpu")
     profiler = epoch_profiler(epoch, device)
     if variant == "c":
-        from dlharness.app.train import train
+        from dlharness.training.train import train
 
         train(cfg, callbacks=[profiler])
     else:
         import lightning as L
 
-        from dlharness.app.components import build_datamodule, build_module
+        from dlharness.training.components import build_datamodule, build_module
 
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg.data, cfg.seed)

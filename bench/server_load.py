@@ -32,7 +32,7 @@ from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.app.server import is_loopback, running_server
+from dlharness.store.server import is_loopback, running_server
 from dlharness.tracking.environment import collect_environment
 
 # A load test counts what fails: MLflow's client would otherwise retry a refused or timed-out

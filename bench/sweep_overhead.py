@@ -3,7 +3,7 @@ the next trial's first, in one long-lived worker (`python scripts/bench_sweep.py
 
 That gap holds the end of a trial (test evaluation, model logging, the parent's update, Optuna's
 bookkeeping) and the start of the next (config, data, network, a new MLflow run, sanity check).
-The timing callback rides in through `dlharness.app.train.train`, wrapped here: nothing of the
+The timing callback rides in through `dlharness.training.train.train`, wrapped here: nothing of the
 benchmark is in the package.
 """
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import lightning as L
 import yaml
 
-import dlharness.app.train as harness_train
-from dlharness.app import sweep
+import dlharness.training.train as harness_train
+from dlharness.sweeps import sweep
 from dlharness.tracking.environment import collect_environment
 
 BASE = {

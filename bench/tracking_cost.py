@@ -122,7 +122,7 @@ def write_synthetic_cifar(root: Path, samples: int, seed: int = 0) -> None:
 
 
 def build_config(work: Workload, data_dir: Path, store: Path, accelerator: str):
-    from dlharness.app.config import load_config
+    from dlharness.training.config import load_config
 
     values: dict[str, Any] = {
         "trainer.max_epochs": work.epochs,
@@ -157,9 +157,9 @@ def run_plain(cfg, work: Workload, device: str) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from dlharness.app.components import build_datamodule, net_spec
     from dlharness.models.classifier import OPTIMIZERS, classification_metrics
     from dlharness.models.nets import build_net
+    from dlharness.training.components import build_datamodule, net_spec
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     # As (b) and (c) run: Trainer(deterministic="warn" or False, benchmark=not deterministic).
@@ -230,8 +230,8 @@ def forward_flops_per_image(cfg, info) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dlharness.app.components import net_spec
     from dlharness.models.nets import build_net
+    from dlharness.training.components import net_spec
 
     net = build_net(net_spec(cfg.model, info)).eval()
     counter = FlopCounterMode(display=False)
@@ -316,7 +316,7 @@ def _bare_trainer(cfg, accelerator: str, **extra: Any):
         accelerator=accelerator,
         devices=1,
         precision=cfg.trainer.precision,
-        # As dlharness's own trainer: see app/train.py's build_trainer.
+        # As dlharness's own trainer: see training/train.py's build_trainer.
         deterministic="warn" if cfg.trainer.deterministic else False,
         benchmark=not cfg.trainer.deterministic,
         logger=False,
@@ -333,7 +333,7 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
     import lightning as L
     import mlflow
 
-    from dlharness.app.components import build_datamodule, build_module
+    from dlharness.training.components import build_datamodule, build_module
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -363,8 +363,8 @@ def run_lightning(cfg, work: Workload, device: str, autolog: bool) -> dict[str, 
 
 
 def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
-    from dlharness.app.collector import freeze_long_lived_objects
-    from dlharness.app.train import train
+    from dlharness.training.collector import freeze_long_lived_objects
+    from dlharness.training.train import train
 
     freeze_long_lived_objects()  # as the dlharness-train command does
     clock = epoch_clock(device)
@@ -387,7 +387,7 @@ def run_dlharness(cfg, work: Workload, device: str) -> dict[str, float]:
         # besides sharing the CPU (far steadier than wall time).
         "training_thread_stall": t["tracking_hooks"],
     }
-    from dlharness.app.components import build_datamodule
+    from dlharness.training.components import build_datamodule
 
     dm = build_datamodule(cfg.data, cfg.seed)
     images = dm.split_sizes()["train"] * epochs

@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.app.compare import main
+from dlharness.store.compare import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,7 @@ if ! "$PYTHON" -c "import mlflow" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; 
     fi
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$PYTHON" -c "import mlflow, lightning, torch, dlharness.app.train
+"$PYTHON" -c "import mlflow, lightning, torch, dlharness.training.train
 print('torch', torch.__version__, 'lightning', lightning.__version__, 'mlflow', mlflow.__version__,
       'gpu', torch.cuda.get_device_name(0))" || exit 1
 # Triton builds a small C launcher per kernel: --compile needs a C compiler on the machine.

@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.app.server import main
+from dlharness.store.server import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.app.sweep import main
+from dlharness.sweeps.sweep import main
 
 if __name__ == "__main__":
     sys.exit(main())

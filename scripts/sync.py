@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.app.sync import main
+from dlharness.store.sync import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from dlharness.app.cli import main
+from dlharness.training.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,9 +24,9 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.collector import freeze_long_lived_objects
-from dlharness.app.config import TrainConfig, load_config
 from dlharness.tracking.installed_packages import CACHE_DIR_ENV
+from dlharness.training.collector import freeze_long_lived_objects
+from dlharness.training.config import TrainConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -241,8 +241,8 @@ class SignalWindow(AfterStoredCheckpoint):
 
 
 def cli_trains_with(monkeypatch: pytest.MonkeyPatch, *callbacks: L.Callback) -> None:
-    """The CLI's `train()` (`dlharness.app.cli.main`) gets `callbacks` beside its own."""
-    import dlharness.app.train as train_module
+    """The CLI's `train()` (`dlharness.training.cli.main`) gets `callbacks` beside its own."""
+    import dlharness.training.train as train_module
 
     trains = functools.partial(train_module.train, callbacks=list(callbacks))
     monkeypatch.setattr(train_module, "train", trains)
@@ -311,7 +311,7 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> DefaultRun:
         "tracking.register_model": REGISTERED_NAME,
     }
     cfg = load_config(REPO / "configs" / "default.yaml", overrides)
-    from dlharness.app.train import train
+    from dlharness.training.train import train
 
     scratch_before = set(Path(tempfile.gettempdir()).glob("dlharness-*"))
     previous = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")

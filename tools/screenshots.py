@@ -17,10 +17,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.config import load_config
-from dlharness.app.server import running_server
-from dlharness.app.train import train
 from dlharness.serving.lifecycle import Registry
+from dlharness.store.server import running_server
+from dlharness.training.config import load_config
+from dlharness.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 # tools/ is not a package: its page driver is loaded from its file.

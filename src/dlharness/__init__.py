@@ -20,10 +20,10 @@ _EXPORTS = {
     "CheckpointError": "dlharness.tracking.checkpoints",
     "TrackingWarning": "dlharness.tracking.worker",
     "TrainingInterrupted": "dlharness.tracking.interruption",
-    "train": "dlharness.app.train",
-    "TrainResult": "dlharness.app.train",
-    "load_config": "dlharness.app.config",
-    "TrainConfig": "dlharness.app.config",
+    "train": "dlharness.training.train",
+    "TrainResult": "dlharness.training.train",
+    "load_config": "dlharness.training.config",
+    "TrainConfig": "dlharness.training.config",
 }
 __all__ = [
     "CheckpointError",
@@ -39,12 +39,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from dlharness.app.config import TrainConfig, load_config
-    from dlharness.app.train import TrainResult, train
     from dlharness.callbacks.mlflow_tracking import MlflowTracking
     from dlharness.tracking.checkpoints import CheckpointError, checkpoint_path
     from dlharness.tracking.interruption import TrainingInterrupted
     from dlharness.tracking.worker import TrackingWarning
+    from dlharness.training.config import TrainConfig, load_config
+    from dlharness.training.train import TrainResult, train
 
 
 def __getattr__(name: str) -> Any:

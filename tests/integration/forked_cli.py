@@ -15,7 +15,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 
 # Imported once by the fork server; every training process starts from its memory.
-PRELOAD = ["dlharness.app.cli", "dlharness.app.train"]
+PRELOAD = ["dlharness.training.cli", "dlharness.training.train"]
 
 
 def _context():
@@ -31,8 +31,8 @@ def _run(argv: list[str], cwd: str, log_path: str, callbacks: Sequence[Callback]
     with open(log_path, "w") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        import dlharness.app.train as train_module
-        from dlharness.app.cli import main
+        import dlharness.training.train as train_module
+        from dlharness.training.cli import main
 
         if callbacks:
             train_module.train = functools.partial(train_module.train, callbacks=list(callbacks))

@@ -14,12 +14,12 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main as train_main
-from dlharness.app.compare import main as compare_main
-from dlharness.app.promote import main as promote_main
-from dlharness.app.server import SECRET_KEY_FILE, free_port, stop_server, wait_until_healthy
-from dlharness.app.sync import main as sync_main
+from dlharness.serving.promote import main as promote_main
+from dlharness.store.compare import main as compare_main
+from dlharness.store.server import SECRET_KEY_FILE, free_port, stop_server, wait_until_healthy
+from dlharness.store.sync import main as sync_main
 from dlharness.tracking.spool import Spool
+from dlharness.training.cli import main as train_main
 
 from ..conftest import PYTHON, REPO, cli_env, empty_store
 

@@ -104,7 +104,7 @@ def test_gpu_fast_path_workload_compiles_and_lets_cudnn_choose():
 def test_forward_flops_match_resnet18s_known_cost(tmp_path):
     """The MFU's numerator: torch's counter on the harness's network, checked on resnet18's
     known cost (0.56 GFLOPs of multiply-adds at 32×32 with the small-image stem)."""
-    from dlharness.app.components import build_datamodule
+    from dlharness.training.components import build_datamodule
 
     cfg = bench.build_config(
         Workload("flops", 1, 60, "resnet18", 64, 32), tmp_path, tmp_path, "cpu"

@@ -13,7 +13,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import FLAGS, SWITCHES, build_parser, main
+from dlharness.training.cli import FLAGS, SWITCHES, build_parser, main
 
 from ..conftest import PYTHON, REPO, assert_nothing_running, cli_env, make_store, run_statuses
 

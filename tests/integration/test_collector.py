@@ -15,7 +15,7 @@ PROBE = textwrap.dedent(
     """
     import atexit, gc, json
     import mlflow  # a heavy import, as a command does before training
-    from dlharness.app.collector import freeze_before_training, freeze_long_lived_objects
+    from dlharness.training.collector import freeze_before_training, freeze_long_lived_objects
 
     seen = {}
     # Registered first, so it runs last: after the exit handler of freeze_long_lived_objects.
@@ -45,7 +45,7 @@ PROBE = textwrap.dedent(
 LIBRARY_PROBE = textwrap.dedent(
     """
     import gc
-    from dlharness.app.collector import freeze_before_training
+    from dlharness.training.collector import freeze_before_training
 
     freeze_before_training()
     print(gc.get_freeze_count())

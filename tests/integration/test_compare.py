@@ -10,9 +10,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.app.compare import main
-from dlharness.app.config import load_config
-from dlharness.app.train import train
+from dlharness.store.compare import main
+from dlharness.training.config import load_config
+from dlharness.training.train import train
 
 from ..conftest import PYTHON, REPO, cli_env, make_store
 

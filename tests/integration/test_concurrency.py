@@ -12,8 +12,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main
 from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.training.cli import main
 
 from ..conftest import assert_nothing_running
 
@@ -52,7 +52,7 @@ def train_concurrently(uri: str, folder: Path) -> None:
     """
     (folder / "concurrent.yaml").write_text(CONCURRENT_YAML)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["dlharness.app.cli", "dlharness.app.train"])
+    context.set_forkserver_preload(["dlharness.training.cli", "dlharness.training.train"])
     barrier = context.Barrier(TRAININGS)
     argv = ["--config", str(folder / "concurrent.yaml"), "--tracking-uri", uri, "--run-name"]
     logs = [folder / f"training-{i}.log" for i in range(TRAININGS)]

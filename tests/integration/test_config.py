@@ -5,16 +5,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dlharness.app.config import (
+from dlharness.data import DATAMODULES
+from dlharness.errors import UsageError
+from dlharness.sweeps.sweep_config import load_sweep
+from dlharness.tracking.params import flatten
+from dlharness.training.config import (
     DATASETS,
     TrainConfig,
     load_config,
     parse_devices,
 )
-from dlharness.app.sweep_config import load_sweep
-from dlharness.data import DATAMODULES
-from dlharness.errors import UsageError
-from dlharness.tracking.params import flatten
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -6,10 +6,10 @@ import pickle
 import pytest
 import torch
 
-from dlharness.app.components import build_datamodule
-from dlharness.app.config import DataConfig
 from dlharness.data.augmentation import crop_flip
 from dlharness.errors import UsageError
+from dlharness.training.components import build_datamodule
+from dlharness.training.config import DataConfig
 
 from .datafiles import write_cifar10, write_image_folder, write_mnist
 

@@ -14,10 +14,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.app import reproduce
-from dlharness.app.config import load_config
-from dlharness.app.data_version import data_version, experiment_tags
-from dlharness.app.train import train
+from dlharness.lineage import reproduce
+from dlharness.lineage.data_version import data_version, experiment_tags
+from dlharness.training.config import load_config
+from dlharness.training.train import train
 
 from ..conftest import PYTHON, REPO, cli_env, empty_store, tiny_config
 from .datafiles import write_image_folder

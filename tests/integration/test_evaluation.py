@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
-from dlharness.app.evaluation import roc_curve
+from dlharness.training.evaluation import roc_curve
 
 
 @pytest.mark.parametrize("seed", range(5))

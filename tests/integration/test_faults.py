@@ -13,8 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main
 from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
+from dlharness.training.cli import main
 
 from ..conftest import AfterStoredCheckpoint, cli_trains_with, empty_store
 

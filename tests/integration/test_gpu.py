@@ -13,8 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main
-from dlharness.app.train import train
+from dlharness.training.cli import main
+from dlharness.training.train import train
 
 from ..conftest import PYTHON, REPO, cli_env, tiny_config
 

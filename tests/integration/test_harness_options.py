@@ -11,10 +11,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.compare import main as compare_main
-from dlharness.app.resume import prepare_resume
-from dlharness.app.train import build_trainer, train
+from dlharness.store.compare import main as compare_main
 from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.training.resume import prepare_resume
+from dlharness.training.train import build_trainer, train
 
 from ..conftest import REPO, tiny_config
 

@@ -97,8 +97,8 @@ def test_checkpoint_rebuilds_the_network_without_arguments(tmp_path):
 
 def test_every_fit_of_a_module_reports_its_epoch_metrics(tmp_path):
     """Metric objects are handed to Lightning once per epoch; a second fit starts at epoch 0."""
-    from dlharness.app.components import build_datamodule, build_module
-    from dlharness.app.config import load_config
+    from dlharness.training.components import build_datamodule, build_module
+    from dlharness.training.config import load_config
 
     cfg = load_config(None, {"model.width": 8, "data.batch_size": 128})
     datamodule = build_datamodule(cfg.data, cfg.seed)
@@ -157,8 +157,8 @@ def test_batches_never_wait_for_the_device(tmp_path):
     from the device (on a GPU each read stops the host from queueing the next batch): the
     metrics skip torchmetrics' input checks and the losses' NaN test."""
     from dlharness import MlflowTracking
-    from dlharness.app.components import build_datamodule, build_module
-    from dlharness.app.config import load_config
+    from dlharness.training.components import build_datamodule, build_module
+    from dlharness.training.config import load_config
 
     cfg = load_config(None, {"model.width": 8, "data.batch_size": 128})
     datamodule = build_datamodule(cfg.data, cfg.seed)

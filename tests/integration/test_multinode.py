@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.compare import main as compare_main
-from dlharness.app.distributed import is_launch_leader
-from dlharness.app.server import free_port
+from dlharness.store.compare import main as compare_main
+from dlharness.store.server import free_port
 from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.training.distributed import is_launch_leader
 
 from ..conftest import PYTHON, REPO, assert_nothing_running, cli_env, epoch_histories
 

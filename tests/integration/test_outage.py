@@ -21,19 +21,19 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness import MlflowTracking
-from dlharness.app.cli import main as train_main
-from dlharness.app.config import load_config
-from dlharness.app.server import (
+from dlharness.store.server import (
     free_port,
     server_command,
     server_env,
     stop_server,
     wait_until_healthy,
 )
-from dlharness.app.sync import main as sync_main
-from dlharness.app.train import train
+from dlharness.store.sync import main as sync_main
 from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
 from dlharness.tracking.spool import HTTP_DEFAULTS, Spool, SpoolWarning
+from dlharness.training.cli import main as train_main
+from dlharness.training.config import load_config
+from dlharness.training.train import train
 
 from ..conftest import (
     AfterStoredCheckpoint,

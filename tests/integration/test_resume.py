@@ -20,10 +20,6 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main
-from dlharness.app.config import load_config
-from dlharness.app.resume import parse_target, prepare_resume
-from dlharness.app.train import train
 from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.checkpoints import (
     checkpoint_metadata,
@@ -32,6 +28,10 @@ from dlharness.tracking.checkpoints import (
     stored_epochs,
 )
 from dlharness.tracking.interruption import TrainingInterrupted
+from dlharness.training.cli import main
+from dlharness.training.config import load_config
+from dlharness.training.resume import parse_target, prepare_resume
+from dlharness.training.train import train
 
 from ..conftest import PYTHON, REPO, SignalWindow, assert_nothing_running, cli_env, make_store
 from .forked_cli import ForkedCli

@@ -15,9 +15,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import main
-from dlharness.app.config import load_config
-from dlharness.app.train import train
+from dlharness.training.cli import main
+from dlharness.training.config import load_config
+from dlharness.training.train import train
 
 from ..conftest import make_store
 from .test_resume import TINY_YAML, assert_one_value_per_epoch, assert_same_training

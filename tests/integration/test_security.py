@@ -6,8 +6,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.train import train
 from dlharness.tracking.redaction import REDACTED, redact_uri
+from dlharness.training.train import train
 
 from ..conftest import tiny_config
 

@@ -20,11 +20,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.app import predict, promote, serve
-from dlharness.app.server import free_port, running_server, stop_server, wait_until_healthy
-from dlharness.app.train import train
 from dlharness.data.base import image_transform
 from dlharness.data.digits import DigitsDataModule, digit_images
+from dlharness.serving import predict, promote, serve
+from dlharness.store.server import free_port, running_server, stop_server, wait_until_healthy
+from dlharness.training.train import train
 from tests.conftest import PYTHON, bench_module, cli_env, empty_store, make_store, tiny_config
 
 pytestmark = pytest.mark.slow

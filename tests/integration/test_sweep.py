@@ -13,8 +13,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app import compare, sweep
 from dlharness.models.classifier import ClassifierModule
+from dlharness.store import compare
+from dlharness.sweeps import sweep
 from dlharness.tracking.checkpoints import stored_epochs
 
 from ..conftest import PYTHON, cli_env, empty_store
@@ -168,7 +169,7 @@ def test_two_workers_share_one_study_and_take_over_a_killed_workers_trial(tmp_pa
     )
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     command = [
-        PYTHON, "-m", "dlharness.app.sweep", "--config", str(path), "--storage", storage,
+        PYTHON, "-m", "dlharness.sweeps.sweep", "--config", str(path), "--storage", storage,
         "--tracking-uri", uri, "--workers", "2", "--heartbeat", "1", "--grace", "3",
     ]  # fmt: skip
     main = subprocess.Popen(
@@ -237,7 +238,7 @@ def test_two_workers_share_a_study_in_postgresql(tmp_path):
         },
     )
     command = [
-        PYTHON, "-m", "dlharness.app.sweep", "--config", str(path), "--storage", storage,
+        PYTHON, "-m", "dlharness.sweeps.sweep", "--config", str(path), "--storage", storage,
         "--tracking-uri", uri, "--workers", "2",
     ]  # fmt: skip
     done = subprocess.run(

@@ -23,9 +23,6 @@ from lightning.fabric.plugins import TorchCheckpointIO
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.app.components import build_datamodule
-from dlharness.app.config import DataConfig
-from dlharness.app.train import train
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data.base import image_transform
 from dlharness.data.digits import DigitsDataModule, digit_images
@@ -44,6 +41,9 @@ from dlharness.tracking.environment import (
 from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
 from dlharness.tracking.picture_files import write_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
+from dlharness.training.components import build_datamodule
+from dlharness.training.config import DataConfig
+from dlharness.training.train import train
 
 from ..conftest import (
     DEFAULT_RUN_TAGS,

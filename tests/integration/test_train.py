@@ -11,10 +11,10 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.config import load_config
-from dlharness.app.train import build_trainer, train
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
+from dlharness.training.config import load_config
+from dlharness.training.train import build_trainer, train
 
 from ..conftest import run_statuses, tiny_config
 from .datafiles import write_image_folder

@@ -14,8 +14,8 @@ from urllib.parse import unquote
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.server import running_server
-from dlharness.app.train import train
+from dlharness.store.server import running_server
+from dlharness.training.train import train
 from tests.conftest import make_store, repo_module, tiny_config
 
 pytestmark = pytest.mark.slow

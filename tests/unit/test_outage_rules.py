@@ -11,7 +11,6 @@ import requests
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, UNAUTHENTICATED
 
-from dlharness.app.run_lifecycle import server_refusal
 from dlharness.tracking.spool import (
     HTTP_DEFAULTS,
     ServerSilentError,
@@ -19,6 +18,7 @@ from dlharness.tracking.spool import (
     http_defaults,
     is_unreachable,
 )
+from dlharness.training.run_lifecycle import server_refusal
 
 OUTAGES = [
     requests.ConnectionError("refused"),

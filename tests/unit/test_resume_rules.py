@@ -6,11 +6,11 @@ import re
 
 import pytest
 
-from dlharness.app.cli import build_parser, flag_keys, resumable_flags, unflagged_resumable
-from dlharness.app.config import CHANGES_ON_RESUME, SAFE_ON_RESUME, TrainConfig, dotted_fields
-from dlharness.app.resume import apply_overrides
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
+from dlharness.training.cli import build_parser, flag_keys, resumable_flags, unflagged_resumable
+from dlharness.training.config import CHANGES_ON_RESUME, SAFE_ON_RESUME, TrainConfig, dotted_fields
+from dlharness.training.resume import apply_overrides
 
 from ..conftest import REPO
 

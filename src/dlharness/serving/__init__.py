@@ -1,12 +1,2 @@
-"""Models that go to work: the served image classifier and its registry lifecycle."""
-
-from __future__ import annotations
-
-from dlharness.serving.classifier_logging import (
-    ImagePreprocessing,
-    log_classifier,
-    pinned,
-    quiet_any_type_hint,
-)
-
-__all__ = ["ImagePreprocessing", "log_classifier", "pinned", "quiet_any_type_hint"]
+"""Models that go to work: the served image classifier, logging the run's models, the registry
+lifecycle, and the serve, predict and promote commands."""

@@ -17,9 +17,9 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from dlharness.app.run_lifecycle import existing_store
-from dlharness.app.server import DEFAULT_HOST
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.store.server import DEFAULT_HOST
+from dlharness.training.run_lifecycle import existing_store
 
 DEFAULT_PORT = 5001
 

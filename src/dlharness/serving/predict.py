@@ -16,8 +16,8 @@ from typing import Any
 import requests
 from PIL import Image, UnidentifiedImageError
 
-from dlharness.app.run_lifecycle import existing_store
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.training.run_lifecycle import existing_store
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Images per request or predict call: a 32×32 PNG is ≈2 KB of base64, so ≈0.5 MB a request.
@@ -118,7 +118,7 @@ def predict_here(model_uri: str, images: list[str]) -> list[dict[str, Any]]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from dlharness.serving import quiet_any_type_hint
+    from dlharness.serving.classifier_logging import quiet_any_type_hint
 
     try:
         with quiet_any_type_hint():

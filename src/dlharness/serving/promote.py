@@ -12,8 +12,6 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from dlharness.app.compare import lower_is_better
-from dlharness.app.run_lifecycle import existing_store
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.serving.lifecycle import (
     CANDIDATE,
@@ -23,6 +21,8 @@ from dlharness.serving.lifecycle import (
     Registry,
     WorseVersionError,
 )
+from dlharness.store.compare import lower_is_better
+from dlharness.training.run_lifecycle import existing_store
 
 EXIT_REFUSED = 1
 

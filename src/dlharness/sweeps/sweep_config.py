@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dlharness.app.config import MONITORABLE, TrainConfig, load_config, read_yaml
 from dlharness.errors import UsageError
+from dlharness.training.config import MONITORABLE, TrainConfig, load_config, read_yaml
 
 METHODS = ("tpe", "random", "grid")
 GOALS = ("maximize", "minimize")

@@ -19,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from rich.console import Console
 from rich.table import Table
 
-from dlharness.app.config import TrackingConfig
-from dlharness.app.run_lifecycle import existing_store
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.training.config import TrackingConfig
+from dlharness.training.run_lifecycle import existing_store
 
 DEFAULT_METRICS = ("val/loss", "val/acc")
 # The experiment the harness trains into by default: what `compare` shows without arguments.
@@ -276,13 +276,13 @@ def evaluate_epochs(
     """Re-evaluate the run's stored checkpoints of `epochs` on `split`, as logged at the time."""
     import torch
 
-    from dlharness.app.components import build_datamodule
-    from dlharness.app.config import load_config
-    from dlharness.app.evaluation import evaluate
-    from dlharness.app.resume import logged_config, stored_state
     from dlharness.models.classifier import ClassifierModule
     from dlharness.tracking.checkpoints import stored_epochs
     from dlharness.tracking.params import flatten
+    from dlharness.training.components import build_datamodule
+    from dlharness.training.config import load_config
+    from dlharness.training.evaluation import evaluate
+    from dlharness.training.resume import logged_config, stored_state
 
     client = MlflowClient(tracking_uri)
     run_id = run.info.run_id

@@ -28,17 +28,17 @@ from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
-from dlharness.app.cli import plain_training_output
-from dlharness.app.collector import freeze_long_lived_objects
-from dlharness.app.config import TrainConfig, load_config
-from dlharness.app.model_logging import register_candidate
-from dlharness.app.run_lifecycle import check_tracking_uri, set_experiment
-from dlharness.app.sweep_config import SweepConfig, load_sweep
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.serving.model_logging import register_candidate
+from dlharness.sweeps.sweep_config import SweepConfig, load_sweep
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.redaction import redact_uri
 from dlharness.tracking.run_context import set_run_tags
+from dlharness.training.cli import plain_training_output
+from dlharness.training.collector import freeze_long_lived_objects
+from dlharness.training.config import TrainConfig, load_config
+from dlharness.training.run_lifecycle import check_tracking_uri, set_experiment
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
 # Study user attributes: the parent run, and its store.
@@ -217,7 +217,7 @@ def worker_name() -> str:
 
 def run_trial(sweep: Sweep, trial: optuna.Trial) -> float:
     """The objective: one dlharness run; its best epoch's metric value."""
-    from dlharness.app.train import train
+    from dlharness.training.train import train
 
     sweep.current_trial = trial.number
     values = suggest(trial, sweep.config)
@@ -256,7 +256,7 @@ def takeover_point(sweep: Sweep, trial: optuna.Trial, judge: EpochJudge):
     """Where a retried trial's run goes on: its last logged checkpoint, with the epochs it
     logged reported again; None for a fresh trial, or a run with nothing to resume (it is
     ended KILLED and the trial starts over in a new run)."""
-    from dlharness.app.resume import prepare_resume
+    from dlharness.training.resume import prepare_resume
 
     run_id = trial.user_attrs.get(RUN_ATTR)
     if run_id is None:
@@ -449,7 +449,7 @@ def open_sweep(args: argparse.Namespace) -> Sweep:
 
 def spawn_workers(args: argparse.Namespace, sweep: Sweep, count: int) -> list[subprocess.Popen]:
     command = [
-        sys.executable, "-m", "dlharness.app.sweep", "--config", args.config,
+        sys.executable, "-m", "dlharness.sweeps.sweep", "--config", args.config,
         "--study", sweep.study.study_name, "--storage", args.storage,
         "--tracking-uri", sweep.tracking_uri, "--heartbeat", str(args.heartbeat),
         "--grace", str(args.grace), "--worker",

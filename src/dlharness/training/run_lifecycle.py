@@ -18,13 +18,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from dlharness.app.config import DEFAULT_TRACKING_URI, TrainConfig
 from dlharness.errors import UsageError
 from dlharness.tracking.params import as_param_values
 from dlharness.tracking.redaction import redact, redact_tree
 from dlharness.tracking.run_binding import status_after
 from dlharness.tracking.run_names import fresh_run_name
 from dlharness.tracking.spool import Replayer, Spool, SpoolingClient, is_unreachable
+from dlharness.training.config import DEFAULT_TRACKING_URI, TrainConfig
 
 # A tracking server that does not answer /health within this many seconds counts as down.
 HEALTH_TIMEOUT_S = 5

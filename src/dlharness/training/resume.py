@@ -21,8 +21,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-from dlharness.app.config import SAFE_ON_RESUME, TrainConfig, from_dict, set_dotted, validate
-from dlharness.app.run_lifecycle import server_refusal
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
@@ -33,6 +31,8 @@ from dlharness.tracking.checkpoints import (
     stored_epochs,
 )
 from dlharness.tracking.params import flatten
+from dlharness.training.config import SAFE_ON_RESUME, TrainConfig, from_dict, set_dotted, validate
+from dlharness.training.run_lifecycle import server_refusal
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _RUNS_URI = re.compile(

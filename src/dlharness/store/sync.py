@@ -32,9 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here so that --help answers without loading MLflow.
-    from dlharness.app.model_logging import FINAL_MODEL_OP, replay_final_model
-    from dlharness.app.run_lifecycle import check_tracking_uri
+    from dlharness.serving.model_logging import FINAL_MODEL_OP, replay_final_model
     from dlharness.tracking.spool import SYNCED, ReplayError, Spool, replay
+    from dlharness.training.run_lifecycle import check_tracking_uri
 
     try:
         for folder in args.spool:

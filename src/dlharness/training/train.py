@@ -30,14 +30,13 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from typing_extensions import override
 
-from dlharness.app.collector import freeze_before_training
-from dlharness.app.components import build_datamodule, build_module
-from dlharness.app.config import TrainConfig, parse_devices
-from dlharness.app.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
-from dlharness.app.dataset_records import DatasetRecords, log_skipped_images
-from dlharness.app.distributed import is_launch_leader
-from dlharness.app.evaluation import evaluate, log_evaluation
-from dlharness.app.model_logging import (
+from dlharness.callbacks.epoch_printer import EpochLinePrinter
+from dlharness.callbacks.mlflow_tracking import MlflowTracking
+from dlharness.data import ClassificationDataModule
+from dlharness.errors import BadImageError, UsageError
+from dlharness.lineage.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
+from dlharness.models.classifier import ClassifierModule
+from dlharness.serving.model_logging import (
     FINAL_MODEL_OP,
     PACKAGE_DIR,
     ServedClasses,
@@ -46,18 +45,24 @@ from dlharness.app.model_logging import (
     save_for_replay,
     spool_final_model,
 )
-from dlharness.app.resume import ResumePoint, check_same_data, stored_state
-from dlharness.app.run_lifecycle import check_tracking_uri, log_config, set_experiment, tracked_run
-from dlharness.callbacks.epoch_printer import EpochLinePrinter
-from dlharness.callbacks.mlflow_tracking import MlflowTracking
-from dlharness.data import ClassificationDataModule
-from dlharness.errors import BadImageError, UsageError
-from dlharness.models.classifier import ClassifierModule
 from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.run_context import set_run_tags
 from dlharness.tracking.spool import Spool, SpoolingClient, http_defaults, is_unreachable
 from dlharness.tracking.worker import StorageError, as_storage_error
+from dlharness.training.collector import freeze_before_training
+from dlharness.training.components import build_datamodule, build_module
+from dlharness.training.config import TrainConfig, parse_devices
+from dlharness.training.dataset_records import DatasetRecords, log_skipped_images
+from dlharness.training.distributed import is_launch_leader
+from dlharness.training.evaluation import evaluate, log_evaluation
+from dlharness.training.resume import ResumePoint, check_same_data, stored_state
+from dlharness.training.run_lifecycle import (
+    check_tracking_uri,
+    log_config,
+    set_experiment,
+    tracked_run,
+)
 
 # Lightning imports omegaconf, where it is installed (DVC brings it), when it writes its first
 # checkpoint, on the training thread during the first epoch. Imported with the rest, the cost

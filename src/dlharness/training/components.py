@@ -5,10 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from dlharness.app.config import DataConfig, ModelConfig, TrainConfig
 from dlharness.data import DATAMODULES, ClassificationDataModule, DataInfo
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
+from dlharness.training.config import DataConfig, ModelConfig, TrainConfig
 
 
 def build_datamodule(cfg: DataConfig, seed: int) -> ClassificationDataModule:

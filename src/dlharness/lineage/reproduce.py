@@ -22,9 +22,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dlharness.app.cli import plain_training_output
-from dlharness.app.config import TrainConfig, from_dict, set_dotted, validate
-from dlharness.app.data_version import (
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.lineage.data_version import (
     TAG_GIT_COMMIT,
     TAG_MD5,
     TAG_MODIFIED,
@@ -32,13 +31,14 @@ from dlharness.app.data_version import (
     data_version,
     dvc_root_of,
 )
-from dlharness.app.resume import logged_config
-from dlharness.app.run_lifecycle import existing_store
-from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.tracking.epoch_history import SYSTEM_PREFIX
+from dlharness.training.cli import plain_training_output
+from dlharness.training.config import TrainConfig, from_dict, set_dotted, validate
+from dlharness.training.resume import logged_config
+from dlharness.training.run_lifecycle import existing_store
 
 if TYPE_CHECKING:
-    from dlharness.app.train import TrainResult
+    from dlharness.training.train import TrainResult
 
 TAG_REPRODUCES = "dlharness.reproduces"
 # Inside the worktree: the data version as a one-output `.dvc` file, and where it lands. Apart
@@ -202,8 +202,8 @@ def reproduce(
         cfg = from_dict(TrainConfig, logged)
         validate(cfg)
         # Imported here: --help and a refused run answer without loading torch.
-        from dlharness.app.collector import freeze_long_lived_objects
-        from dlharness.app.train import train
+        from dlharness.training.collector import freeze_long_lived_objects
+        from dlharness.training.train import train
 
         freeze_long_lived_objects()
         return train(cfg, fast_package_index=True)

@@ -26,7 +26,7 @@ from torch import nn
 
 from dlharness.data import ClassificationDataModule
 from dlharness.models import nets
-from dlharness.serving import ImagePreprocessing, log_classifier, pinned
+from dlharness.serving.classifier_logging import ImagePreprocessing, log_classifier, pinned
 from dlharness.tracking.spool import Spool, SpoolingClient
 
 # The installed package's folder (the models' code, the run's source); found from here, not by

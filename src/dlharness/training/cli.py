@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dlharness.app.config import (
+from dlharness.errors import EXIT_USAGE, BadImageError, OneLineArgumentParser, UsageError
+from dlharness.tracking.interruption import TrainingInterrupted
+from dlharness.tracking.worker import StorageError
+from dlharness.training.config import (
     ACCELERATORS,
     AUGMENTATIONS,
     DATASETS,
@@ -25,12 +28,9 @@ from dlharness.app.config import (
     TrainConfig,
     load_config,
 )
-from dlharness.errors import EXIT_USAGE, BadImageError, OneLineArgumentParser, UsageError
-from dlharness.tracking.interruption import TrainingInterrupted
-from dlharness.tracking.worker import StorageError
 
 if TYPE_CHECKING:
-    from dlharness.app.train import TrainResult
+    from dlharness.training.train import TrainResult
 
 # (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
 FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "--config cannot be combined with --resume: the run's config is used"
                 )
             # Imported here so that --help and config errors answer without loading torch.
-            from dlharness.app.resume import prepare_resume
+            from dlharness.training.resume import prepare_resume
 
             overrides = overrides_from_args(args)
             uri = load_config(None, overrides).resolved_tracking_uri()
@@ -283,8 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if resume is not None:
                 resume.cleanup()
             return 0
-        from dlharness.app.collector import freeze_long_lived_objects
-        from dlharness.app.train import train
+        from dlharness.training.collector import freeze_long_lived_objects
+        from dlharness.training.train import train
 
         freeze_long_lived_objects()
         result = train(cfg, resume, fast_package_index=True)
@@ -347,7 +347,7 @@ def export_metrics(args: argparse.Namespace, result: TrainResult) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from dlharness.app.metrics_export import write_epoch_csvs, write_metrics_json
+    from dlharness.store.metrics_export import write_epoch_csvs, write_metrics_json
 
     client = MlflowClient(result.tracking_uri)
     if args.metrics_file is not None:

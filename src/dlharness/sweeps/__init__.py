@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps: an Optuna study whose every trial is a tracked training run."""
