@@ -86,16 +86,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _own_experiment_variables(monkeypatch):
-    """Each test starts with the experiment variables it was given: `mlflow.set_experiment`,
-    which the harness calls, sets ``$MLFLOW_EXPERIMENT_ID`` for the whole process, and a new
-    run of MlflowTracking's goes where it points."""
+def _no_experiment_variables(monkeypatch):
+    """Each test starts with no experiment variables but its own: `mlflow.set_experiment`,
+    which the harness calls (in module fixtures too), sets ``$MLFLOW_EXPERIMENT_ID`` for the
+    whole process, and a new run of MlflowTracking's goes where it points."""
     for key in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
-        # setenv records the value before (or its absence) for teardown; delenv alone would
-        # record nothing for a variable that is not set.
-        monkeypatch.setenv(key, os.environ.get(key, ""))
-        if not os.environ[key]:
-            monkeypatch.delenv(key)
+        monkeypatch.delenv(key, raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -221,7 +221,7 @@ print(json.dumps({{"status": result is not None, "changed": sorted(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("server", ["sqlite"], indirect=True)
-def test_train_as_a_library_call_leaves_mlflows_http_settings_as_it_found_them(
+def test_train_as_a_library_call_leaves_mlflows_variables_as_it_found_them(
     server, config_file, tmp_path
 ):
     """In a fresh interpreter, as a user's own script calls it against an http:// store."""
@@ -233,7 +233,7 @@ def test_train_as_a_library_call_leaves_mlflows_http_settings_as_it_found_them(
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["status"]
-    # dlharness's own (MLFLOW_HTTP_REQUEST_*, set while it sends) are gone again. What
-    # Lightning's seeding and determinism and MLflow's fluent set_tracking_uri/set_experiment
-    # set for the process is theirs (docs/callback.md).
-    assert [key for key in report["changed"] if key.startswith("MLFLOW_HTTP")] == []
+    # dlharness's own (MLFLOW_HTTP_REQUEST_*, set while it sends) are gone again, and so are
+    # those MLflow's fluent set_tracking_uri/set_experiment set while it trained. What
+    # Lightning's seeding and determinism set for the process is theirs (docs/callback.md).
+    assert [key for key in report["changed"] if key.startswith("MLFLOW_")] == []

@@ -182,13 +182,9 @@ def tracked_run(
 
 
 @contextlib.contextmanager
-def _one_quick_try() -> Iterator[None]:
-    """MLflow's HTTP client with no retries and a 2 s timeout, for the duration of the block."""
-    saved = {
-        k: os.environ.get(k)
-        for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
-    }
-    os.environ.update({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"})
+def restored_environment(*keys: str) -> Iterator[None]:
+    """The variables `keys` as they were once the block ends, set or not."""
+    saved = {key: os.environ.get(key) for key in keys}
     try:
         yield
     finally:
@@ -197,6 +193,15 @@ def _one_quick_try() -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def _one_quick_try() -> Iterator[None]:
+    """MLflow's HTTP client with no retries and a 2 s timeout, for the duration of the block."""
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "2"}
+    with restored_environment(*quick):
+        os.environ.update(quick)
+        yield
 
 
 def _end_run(spool: Spool, name: str) -> None:

@@ -60,6 +60,7 @@ from dlharness.training.resume import ResumePoint, check_same_data, stored_state
 from dlharness.training.run_lifecycle import (
     check_tracking_uri,
     log_config,
+    restored_environment,
     set_experiment,
     tracked_run,
 )
@@ -351,8 +352,10 @@ def train(
         if not is_launch_leader():
             _follow(cfg, resume)
             return None
-        # MLflow's HTTP settings while training, then as the caller had them.
-        with http_defaults():
+        # MLflow's HTTP settings while training, then as the caller had them; so are the
+        # variables MLflow's fluent set_tracking_uri and set_experiment set for the process,
+        # which would send the caller's next runs (MlflowTracking's too) to this experiment.
+        with http_defaults(), restored_environment("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID"):
             return _train(cfg, resume, fast_package_index, list(callbacks))
     finally:
         # Autolog patches Trainer.fit for the whole process: later fits of the caller's own
