@@ -14,8 +14,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from dlharness.data.data_version import data_version, experiment_tags
 from dlharness.lineage import reproduce
-from dlharness.lineage.data_version import data_version, experiment_tags
 from dlharness.training.config import load_config
 from dlharness.training.train import train
 

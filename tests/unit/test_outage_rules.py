@@ -18,7 +18,7 @@ from dlharness.tracking.spool import (
     http_defaults,
     is_unreachable,
 )
-from dlharness.training.run_lifecycle import server_refusal
+from dlharness.tracking.store_access import server_refusal
 
 OUTAGES = [
     requests.ConnectionError("refused"),

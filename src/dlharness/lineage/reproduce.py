@@ -22,8 +22,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
-from dlharness.lineage.data_version import (
+from dlharness.data.data_version import (
     TAG_GIT_COMMIT,
     TAG_MD5,
     TAG_MODIFIED,
@@ -31,11 +30,12 @@ from dlharness.lineage.data_version import (
     data_version,
     dvc_root_of,
 )
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.tracking.epoch_history import SYSTEM_PREFIX
+from dlharness.tracking.store_access import existing_store
 from dlharness.training.cli import plain_training_output
 from dlharness.training.config import TrainConfig, from_dict, set_dotted, validate
 from dlharness.training.resume import logged_config
-from dlharness.training.run_lifecycle import existing_store
 
 if TYPE_CHECKING:
     from dlharness.training.train import TrainResult

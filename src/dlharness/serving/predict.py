@@ -17,7 +17,7 @@ import requests
 from PIL import Image, UnidentifiedImageError
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
-from dlharness.training.run_lifecycle import existing_store
+from dlharness.tracking.store_access import existing_store
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 # Images per request or predict call: a 32×32 PNG is ≈2 KB of base64, so ≈0.5 MB a request.

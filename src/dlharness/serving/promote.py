@@ -22,7 +22,7 @@ from dlharness.serving.lifecycle import (
     WorseVersionError,
 )
 from dlharness.store.compare import lower_is_better
-from dlharness.training.run_lifecycle import existing_store
+from dlharness.tracking.store_access import existing_store
 
 EXIT_REFUSED = 1
 

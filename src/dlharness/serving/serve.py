@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.store.server import DEFAULT_HOST
-from dlharness.training.run_lifecycle import existing_store
+from dlharness.tracking.store_access import existing_store
 
 DEFAULT_PORT = 5001
 

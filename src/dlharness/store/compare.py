@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.tracking.store_access import existing_store
 from dlharness.training.config import TrackingConfig
-from dlharness.training.run_lifecycle import existing_store
 
 DEFAULT_METRICS = ("val/loss", "val/acc")
 # The experiment the harness trains into by default: what `compare` shows without arguments.

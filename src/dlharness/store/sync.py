@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported here so that --help answers without loading MLflow.
     from dlharness.serving.model_logging import FINAL_MODEL_OP, replay_final_model
     from dlharness.tracking.spool import SYNCED, ReplayError, Spool, replay
-    from dlharness.training.run_lifecycle import check_tracking_uri
+    from dlharness.tracking.store_access import check_tracking_uri
 
     try:
         for folder in args.spool:

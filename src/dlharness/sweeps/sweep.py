@@ -35,10 +35,11 @@ from dlharness.sweeps.sweep_config import SweepConfig, load_sweep
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.redaction import redact_uri
 from dlharness.tracking.run_context import set_run_tags
+from dlharness.tracking.store_access import check_tracking_uri
 from dlharness.training.cli import plain_training_output
 from dlharness.training.collector import freeze_long_lived_objects
 from dlharness.training.config import TrainConfig, load_config
-from dlharness.training.run_lifecycle import check_tracking_uri, set_experiment
+from dlharness.training.run_lifecycle import set_experiment
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
 # Study user attributes: the parent run, and its store.

@@ -347,7 +347,7 @@ def export_metrics(args: argparse.Namespace, result: TrainResult) -> None:
         return
     from mlflow.tracking import MlflowClient
 
-    from dlharness.store.metrics_export import write_epoch_csvs, write_metrics_json
+    from dlharness.training.metrics_export import write_epoch_csvs, write_metrics_json
 
     client = MlflowClient(result.tracking_uri)
     if args.metrics_file is not None:

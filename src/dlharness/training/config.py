@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from dlharness.errors import UsageError
+from dlharness.tracking.store_access import DEFAULT_TRACKING_URI
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10", "imagefolder")
 MODELS = ("cnn", "resnet18")
@@ -38,7 +39,6 @@ MONITORABLE = tuple(
 )
 MODES = ("min", "max")
 AUGMENTATIONS = ("none", "crop_flip")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 TAG_KEY = re.compile(r"[\w\-. /]+")
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][\w\-.]*")
 # A field's metadata: a resume may change its value. Where and how long the run trains and what

@@ -31,8 +31,8 @@ from dlharness.tracking.checkpoints import (
     stored_epochs,
 )
 from dlharness.tracking.params import flatten
+from dlharness.tracking.store_access import server_refusal
 from dlharness.training.config import SAFE_ON_RESUME, TrainConfig, from_dict, set_dotted, validate
-from dlharness.training.run_lifecycle import server_refusal
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _RUNS_URI = re.compile(

@@ -33,8 +33,8 @@ from typing_extensions import override
 from dlharness.callbacks.epoch_printer import EpochLinePrinter
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
+from dlharness.data.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
 from dlharness.errors import BadImageError, UsageError
-from dlharness.lineage.data_version import TAG_MD5, TAG_PATH, data_version, experiment_tags
 from dlharness.models.classifier import ClassifierModule
 from dlharness.serving.model_logging import (
     FINAL_MODEL_OP,
@@ -49,6 +49,7 @@ from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.run_context import set_run_tags
 from dlharness.tracking.spool import Spool, SpoolingClient, http_defaults, is_unreachable
+from dlharness.tracking.store_access import check_tracking_uri
 from dlharness.tracking.worker import StorageError, as_storage_error
 from dlharness.training.collector import freeze_before_training
 from dlharness.training.components import build_datamodule, build_module
@@ -58,7 +59,6 @@ from dlharness.training.distributed import is_launch_leader
 from dlharness.training.evaluation import evaluate, log_evaluation
 from dlharness.training.resume import ResumePoint, check_same_data, stored_state
 from dlharness.training.run_lifecycle import (
-    check_tracking_uri,
     log_config,
     restored_environment,
     set_experiment,
