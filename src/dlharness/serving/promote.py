@@ -21,7 +21,7 @@ from dlharness.serving.lifecycle import (
     Registry,
     WorseVersionError,
 )
-from dlharness.store.compare import lower_is_better
+from dlharness.tracking.epoch_history import lower_is_better
 from dlharness.tracking.store_access import existing_store
 
 EXIT_REFUSED = 1

@@ -18,8 +18,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
-from dlharness.store.server import DEFAULT_HOST
 from dlharness.tracking.store_access import existing_store
+
+# The model server binds loopback only, as the tracking server does by default.
+HOST = "127.0.0.1"
 
 DEFAULT_PORT = 5001
 
@@ -56,7 +58,7 @@ def serve_command(model_uri: str, port: int, workers: int) -> list[str]:
         sys.executable, "-m", "mlflow", "models", "serve",
         "--model-uri", model_uri,
         "--env-manager", "local",
-        "--host", DEFAULT_HOST,
+        "--host", HOST,
         "--port", str(port),
         "--workers", str(workers),
     ]  # fmt: skip
@@ -84,7 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dlharness-serve: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(
-        f"serving {args.model_uri} at http://{DEFAULT_HOST}:{args.port}/invocations",
+        f"serving {args.model_uri} at http://{HOST}:{args.port}/invocations",
         flush=True,
     )
     command = serve_command(args.model_uri, args.port, args.workers)

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.tracking.epoch_history import lower_is_better
 from dlharness.tracking.store_access import existing_store
 from dlharness.training.config import TrackingConfig
 
@@ -44,10 +45,6 @@ SUMMARY_TAGS = (
 TEST_METRICS = ("test/acc", "test/f1", "test/auroc", "test/loss")
 CONFUSION_IMAGE = re.compile(r"val_confusion_matrix\+step\+(\d+)\+timestamp\+\d+\+[0-9a-f-]+\.png$")
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def lower_is_better(metric: str) -> bool:
-    return metric.endswith("loss")
 
 
 @dataclass

@@ -23,6 +23,11 @@ History = dict[int, dict[str, float]]
 MAX_BATCH_METRICS = 990
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of `metric` are better: the losses."""
+    return metric.endswith("loss")
+
+
 class LoggedSteps:
     """Which (metric, step) pairs the run holds, so that nothing is sent twice.
 
