@@ -8,6 +8,11 @@ from typing import NoReturn
 EXIT_USAGE = 2
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (its first), or its type's name if it has none."""
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
+
+
 class UsageError(Exception):
     """Bad input from the user: a flag, a config value, a path, a tracking URI.
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from dlharness.errors import first_line
+
 # What PIL raises for a file it cannot identify or decode (a truncated file is an OSError).
 DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError)
 
 
 def why_unreadable(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     # PIL names the file in its message; the path is given beside it already.
     return text.split(" '", 1)[0] if text.startswith("cannot identify image file") else text
 

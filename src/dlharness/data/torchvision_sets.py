@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from dlharness.data.base import ClassificationDataModule, DataInfo, image_transform
-from dlharness.errors import UsageError
+from dlharness.errors import UsageError, first_line
 
 
 class _TorchvisionDataModule(ClassificationDataModule):
@@ -111,10 +111,9 @@ class MNISTDataModule(_TorchvisionDataModule):
                 make(str(self.root), train=False, transform=transform),
             )
         except Exception as exc:  # torchvision's idx reader on a file cut short or altered
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UsageError(
-                f"cannot read the {self.name} files in {self.files_dir} ({reason}): they are "
-                "damaged; delete them and download again (--download)"
+                f"cannot read the {self.name} files in {self.files_dir} ({first_line(exc)}): they "
+                "are damaged; delete them and download again (--download)"
             ) from None
 
 

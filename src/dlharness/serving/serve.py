@@ -17,7 +17,7 @@ from pathlib import Path
 import mlflow
 from mlflow.exceptions import MlflowException
 
-from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError, first_line
 from dlharness.tracking.store_access import existing_store
 
 # The model server binds loopback only, as the tracking server does by default.
@@ -49,8 +49,7 @@ def check_model(model_uri: str) -> None:
     try:
         mlflow.models.get_model_info(model_uri)
     except (MlflowException, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UsageError(f"model {model_uri}: {reason}") from None
+        raise UsageError(f"model {model_uri}: {first_line(exc)}") from None
 
 
 def serve_command(model_uri: str, port: int, workers: int) -> list[str]:

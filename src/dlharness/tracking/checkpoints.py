@@ -18,6 +18,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from dlharness.errors import first_line
 from dlharness.tracking.epoch_history import metric_batches
 from dlharness.tracking.installed_packages import cache_dir
 
@@ -199,8 +200,7 @@ def load_stored_checkpoint(
         client.get_run(run_id)
         available = stored_epochs(client, run_id)
     except MlflowException as exc:
-        first_line = (str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise CheckpointError(f"run {run_id}: {first_line}") from None
+        raise CheckpointError(f"run {run_id}: {first_line(exc)}") from None
     if not available:
         raise CheckpointError(f"run {run_id} has no logged checkpoints")
     if epoch is None:

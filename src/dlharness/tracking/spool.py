@@ -33,6 +33,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
+from dlharness.errors import first_line
 from dlharness.tracking.artifact_file import log_written_file
 from dlharness.tracking.params import log_params_once, set_missing_tags
 
@@ -398,7 +399,7 @@ class Spool:
             log.warning(
                 "dlharness: the tracking server refused spooled %s (entry %d) of run %s, "
                 "skipped: %s",
-                entry["op"], entry["seq"], self.run_id, _first_line(exc),
+                entry["op"], entry["seq"], self.run_id, first_line(exc),
             )  # fmt: skip
         self._mark_replayed(entry["seq"])
         return True
@@ -426,10 +427,6 @@ class Spool:
             journal.unlink()
             (self.folder / PROGRESS).unlink(missing_ok=True)
             shutil.rmtree(self.folder / "files", ignore_errors=True)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip() or type(exc).__name__).splitlines()[0]
 
 
 class SpoolingClient(MlflowClient):
@@ -646,7 +643,7 @@ def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] | 
             _replay_one(client, spool, entry, seen, tracking_uri, replayers or {})
         except Exception as exc:
             raise ReplayError(
-                f"replay stopped at entry {entry['seq']} ({entry['op']}): {_first_line(exc)}; "
+                f"replay stopped at entry {entry['seq']} ({entry['op']}): {first_line(exc)}; "
                 "fix that and run it again (what was replayed is not sent twice)"
             ) from exc
         count += 1

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 import requests
 from filelock import FileLock
 
-from dlharness.errors import UsageError
+from dlharness.errors import UsageError, first_line
 
 # Where runs go when nothing names a store: MLflow's own default since 3.7.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -19,11 +19,6 @@ HEALTH_TIMEOUT_S = 5
 # Seconds to wait for another process that is creating a fresh SQLite store's tables (it takes
 # about a second).
 STORE_LOCK_TIMEOUT_S = 120
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 def check_tracking_uri(uri: str) -> None:

@@ -13,13 +13,13 @@ from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from dlharness.errors import UsageError
+from dlharness.errors import UsageError, first_line
 from dlharness.tracking.params import as_param_values
 from dlharness.tracking.redaction import redact, redact_tree
 from dlharness.tracking.run_binding import status_after
 from dlharness.tracking.run_names import fresh_run_name
 from dlharness.tracking.spool import Replayer, Spool, SpoolingClient, is_unreachable
-from dlharness.tracking.store_access import first_line, server_refusal
+from dlharness.tracking.store_access import server_refusal
 from dlharness.training.config import TrainConfig
 
 
