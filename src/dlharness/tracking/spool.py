@@ -212,8 +212,12 @@ class Spool:
 
     def waiting(self) -> int:
         """How many spooled writes the run has not received yet."""
+        return len(self.unreplayed())
+
+    def unreplayed(self) -> list[dict[str, Any]]:
+        """The journal's entries after the last one replayed (`replayed.json`), in order."""
         done = self._replayed_seq()
-        return sum(1 for entry in self.entries() if entry["seq"] > done)
+        return [entry for entry in self.entries() if entry["seq"] > done]
 
     def append(self, op: str, files: dict[str, str | os.PathLike] | None = None, **fields) -> None:
         """Journal one operation; `files` (name → local path) are copied in first."""
@@ -362,8 +366,7 @@ class Spool:
             sent = 0
             while True:
                 with self._lock:
-                    done = self._replayed_seq()
-                    todo = [entry for entry in self.entries() if entry["seq"] > done]
+                    todo = self.unreplayed()
                     if not todo:
                         self._archive()
                         self.offline = False
@@ -634,11 +637,9 @@ def replay(spool: Spool, tracking_uri: str, replayers: Mapping[str, Replayer] | 
     """
     client = MlflowClient(tracking_uri)
     seen: dict[str, set[int]] = {}
-    done = spool._replayed_seq()
     count = 0
-    for entry in spool.entries():
-        if entry["seq"] <= done:  # replayed by an earlier, interrupted replay
-            continue
+    # After the last entry an earlier, interrupted replay got to.
+    for entry in spool.unreplayed():
         try:
             _replay_one(client, spool, entry, seen, tracking_uri, replayers or {})
         except Exception as exc:
