@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dlharness.store.server import is_loopback, running_server
-from dlharness.tracking.environment import collect_environment
+from dlharness.tracking.provenance.environment import collect_environment
 
 # A load test counts what fails: MLflow's client would otherwise retry a refused or timed-out
 # request up to 7 times with backoff and hide it. It reads these at each request.

@@ -30,7 +30,7 @@ from dlharness.data.digits import digit_images
 from dlharness.serving.classifier_logging import quiet_any_type_hint
 from dlharness.serving.serve import serve_command, serve_env
 from dlharness.store.server import free_port, is_loopback, stop_server, wait_until_healthy
-from dlharness.tracking.environment import collect_environment
+from dlharness.tracking.provenance.environment import collect_environment
 from dlharness.tracking.store_access import existing_store
 
 SERVE_START_S = 120

@@ -25,7 +25,7 @@ import yaml
 
 import dlharness.training.train as harness_train
 from dlharness.sweeps import sweep
-from dlharness.tracking.environment import collect_environment
+from dlharness.tracking.provenance.environment import collect_environment
 
 BASE = {
     "model": {"width": 16},

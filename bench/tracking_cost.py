@@ -461,7 +461,7 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    from dlharness.tracking.environment import collect_environment
+    from dlharness.tracking.provenance.environment import collect_environment
 
     env = collect_environment("gpu" if torch.cuda.is_available() else "cpu", 1, "32")
     return {

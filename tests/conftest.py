@@ -24,7 +24,7 @@ import torch
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from dlharness.tracking.installed_packages import CACHE_DIR_ENV
+from dlharness.tracking.provenance.installed_packages import CACHE_DIR_ENV
 from dlharness.training.collector import freeze_long_lived_objects
 from dlharness.training.config import TrainConfig, load_config
 

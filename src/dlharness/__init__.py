@@ -16,8 +16,8 @@ __version__ = "0.1.0"
 # --help and config errors answer without them.
 _EXPORTS = {
     "MlflowTracking": "dlharness.callbacks.mlflow_tracking",
-    "checkpoint_path": "dlharness.tracking.checkpoints",
-    "CheckpointError": "dlharness.tracking.checkpoints",
+    "checkpoint_path": "dlharness.tracking.checkpointing.artifacts",
+    "CheckpointError": "dlharness.tracking.checkpointing.artifacts",
     "TrackingWarning": "dlharness.tracking.worker",
     "TrainingInterrupted": "dlharness.tracking.interruption",
     "train": "dlharness.training.train",
@@ -40,7 +40,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from dlharness.callbacks.mlflow_tracking import MlflowTracking
-    from dlharness.tracking.checkpoints import CheckpointError, checkpoint_path
+    from dlharness.tracking.checkpointing.artifacts import CheckpointError, checkpoint_path
     from dlharness.tracking.interruption import TrainingInterrupted
     from dlharness.tracking.worker import TrackingWarning
     from dlharness.training.config import TrainConfig, load_config

@@ -12,14 +12,14 @@ import numpy as np
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from dlharness.data.fingerprint import content_digest
-from dlharness.data.imagefolder import ImageFolderDataModule
-from dlharness.training.cli import main as train_main
-from dlharness.training.dataset_records import (
+from dlharness.callbacks.dataset_records import (
     SKIPPED_IMAGES_FILE,
     SKIPPED_IMAGES_TAG,
     SKIPPED_WHILE_LOADING,
 )
+from dlharness.data.fingerprint import content_digest
+from dlharness.data.imagefolder import ImageFolderDataModule
+from dlharness.training.cli import main as train_main
 from dlharness.training.train import FAILURE_TAG
 
 from ..conftest import AfterStoredCheckpoint, cli_trains_with, run_statuses

@@ -12,7 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.tracking.checkpointing.artifacts import stored_epochs
 from dlharness.training.cli import main
 
 from ..conftest import assert_nothing_running

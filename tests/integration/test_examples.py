@@ -10,7 +10,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.tracking.checkpointing.artifacts import stored_epochs
 
 from ..conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from dlharness.tracking.checkpoints import fetch_checkpoint, stored_epochs
+from dlharness.tracking.checkpointing.artifacts import fetch_checkpoint, stored_epochs
 from dlharness.training.cli import main
 
 from ..conftest import AfterStoredCheckpoint, cli_trains_with, empty_store

@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness.store.compare import main as compare_main
-from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.tracking.checkpointing.artifacts import stored_epochs
 from dlharness.training.resume import prepare_resume
 from dlharness.training.train import build_trainer, train
 

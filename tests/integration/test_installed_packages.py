@@ -10,7 +10,7 @@ import importlib_metadata
 import pytest
 from mlflow.utils import requirements_utils
 
-from dlharness.tracking.installed_packages import (
+from dlharness.tracking.provenance.installed_packages import (
     CACHE_DIR_ENV,
     PackageIndex,
     environment_key,

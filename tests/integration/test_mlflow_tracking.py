@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import dlharness
 from dlharness import CheckpointError, MlflowTracking, checkpoint_path
 from dlharness.callbacks.mlflow_tracking import PICTURE_HELPER
-from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, stored_epochs
+from dlharness.tracking.checkpointing.artifacts import BEST_EPOCH_TAG, stored_epochs
 
 from ..conftest import artifact_paths, empty_store
 
@@ -411,7 +411,7 @@ def test_a_checkpoint_holding_objects_loads_only_when_trusted(uri, tmp_path):
     torch.save(state, buffer)
     stored.write_bytes(buffer.getvalue())
     record = json.loads(stored.with_name("checkpoint_metrics.json").read_text())
-    record["sha256"] = dlharness.tracking.checkpoints.file_sha256(stored)
+    record["sha256"] = dlharness.tracking.checkpointing.artifacts.file_sha256(stored)
     stored.with_name("checkpoint_metrics.json").write_text(json.dumps(record))
 
     with pytest.raises(CheckpointError, match=f"if you trust run {run_id}, pass trusted=True"):

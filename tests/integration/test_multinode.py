@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.store.compare import main as compare_main
 from dlharness.store.server import free_port
-from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.tracking.checkpointing.artifacts import stored_epochs
 from dlharness.training.distributed import is_launch_leader
 
 from ..conftest import PYTHON, REPO, assert_nothing_running, cli_env, epoch_histories

@@ -29,7 +29,11 @@ from dlharness.store.server import (
     wait_until_healthy,
 )
 from dlharness.store.sync import main as sync_main
-from dlharness.tracking.checkpoints import BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG, stored_epochs
+from dlharness.tracking.checkpointing.artifacts import (
+    BEST_EPOCH_TAG,
+    LATEST_CHECKPOINT_TAG,
+    stored_epochs,
+)
 from dlharness.tracking.spool import HTTP_DEFAULTS, Spool, SpoolWarning
 from dlharness.training.cli import main as train_main
 from dlharness.training.config import load_config

@@ -10,7 +10,7 @@ import numpy as np
 import psutil
 import pytest
 
-from dlharness.tracking.picture_process import PictureProcess
+from dlharness.tracking.pictures.process import PictureProcess
 from dlharness.tracking.worker import TRACKING_NICENESS
 
 MATRIX = np.array([[5, 1, 0], [0, 6, 2], [1, 0, 7]])

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from mlflow.tracking import MlflowClient
 
 from dlharness.models.classifier import ClassifierModule
-from dlharness.tracking.checkpoints import (
+from dlharness.tracking.checkpointing.artifacts import (
     checkpoint_metadata,
     fetch_checkpoint,
     file_sha256,

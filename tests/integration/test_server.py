@@ -23,7 +23,11 @@ from mlflow.tracking import MlflowClient
 from dlharness.store.compare import main as compare_main
 from dlharness.store.server import main as server_main
 from dlharness.store.server import running_server, server_env
-from dlharness.tracking.checkpoints import CHECKPOINT_FILE, fetch_checkpoint, stored_epochs
+from dlharness.tracking.checkpointing.artifacts import (
+    CHECKPOINT_FILE,
+    fetch_checkpoint,
+    stored_epochs,
+)
 from dlharness.training.cli import main as train_main
 
 from ..conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store, epoch_histories

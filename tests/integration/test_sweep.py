@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from dlharness.models.classifier import ClassifierModule
 from dlharness.store import compare
 from dlharness.sweeps import sweep
-from dlharness.tracking.checkpoints import stored_epochs
+from dlharness.tracking.checkpointing.artifacts import stored_epochs
 
 from ..conftest import PYTHON, cli_env, empty_store
 

@@ -29,17 +29,25 @@ from dlharness.data.digits import DigitsDataModule, digit_images
 from dlharness.data.fingerprint import content_digest
 from dlharness.models.classifier import ClassifierModule
 from dlharness.models.nets import build_net
-from dlharness.tracking import charts
-from dlharness.tracking.checkpoint_io import BackgroundCheckpointIO
-from dlharness.tracking.checkpoints import CheckpointError, fetch_checkpoint, file_sha256
-from dlharness.tracking.environment import (
+from dlharness.tracking.checkpointing.artifacts import (
+    CheckpointError,
+    fetch_checkpoint,
+    file_sha256,
+)
+from dlharness.tracking.checkpointing.background_io import BackgroundCheckpointIO
+from dlharness.tracking.pictures import charts
+from dlharness.tracking.pictures.files import write_step_image
+from dlharness.tracking.pictures.step_images import (
+    LOGGED_IMAGES_TAG,
+    log_step_image_files,
+    step_image_paths,
+)
+from dlharness.tracking.provenance.environment import (
     Environment,
     GpuInfo,
     collect_environment,
     environment_tags,
 )
-from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
-from dlharness.tracking.picture_files import write_step_image
 from dlharness.tracking.worker import TrackingWarning, TrackingWorker
 from dlharness.training.components import build_datamodule
 from dlharness.training.config import DataConfig

@@ -12,7 +12,10 @@ import torch
 from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 
-from dlharness.tracking.checkpoint_io import LEFT_OUT_HPARAMS_KEY, with_plain_hyperparameters
+from dlharness.tracking.checkpointing.background_io import (
+    LEFT_OUT_HPARAMS_KEY,
+    with_plain_hyperparameters,
+)
 
 CASES = [
     # (value, kept as)

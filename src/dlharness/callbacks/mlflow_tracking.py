@@ -28,22 +28,31 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from typing_extensions import override
 
-from dlharness.tracking import charts
-from dlharness.tracking.checkpoint_io import BackgroundCheckpointIO
-from dlharness.tracking.checkpoints import (
+from dlharness.tracking.checkpointing.artifacts import (
     CHECKPOINT_FILE,
     checkpoint_path,
     delete_checkpoint,
     store_checkpoint,
     stored_epochs,
 )
-from dlharness.tracking.confusion import ValidationConfusion, predictions_and_targets
+from dlharness.tracking.checkpointing.background_io import BackgroundCheckpointIO
+from dlharness.tracking.checkpointing.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.epoch_history import History, LoggedSteps, log_curve_files
-from dlharness.tracking.images import LOGGED_IMAGES_TAG, log_step_image_files, step_image_paths
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
 from dlharness.tracking.params import as_param_values
-from dlharness.tracking.picture_process import PictureProcess
-from dlharness.tracking.rng import capture_rng_state, restore_rng_state
+from dlharness.tracking.pictures import charts
+from dlharness.tracking.pictures.confusion import ValidationConfusion, predictions_and_targets
+from dlharness.tracking.pictures.process import PictureProcess
+from dlharness.tracking.pictures.step_images import (
+    LOGGED_IMAGES_TAG,
+    log_step_image_files,
+    step_image_paths,
+)
+from dlharness.tracking.provenance.run_context import (
+    log_environment,
+    log_model_description,
+    log_source,
+)
 from dlharness.tracking.run_binding import (
     ACTIVE,
     CONTINUED,
@@ -53,7 +62,6 @@ from dlharness.tracking.run_binding import (
     bind_run,
     status_after,
 )
-from dlharness.tracking.run_context import log_environment, log_model_description, log_source
 from dlharness.tracking.spool import Spool, SpoolingClient
 from dlharness.tracking.worker import TrackingWorker
 

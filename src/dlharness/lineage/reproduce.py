@@ -33,8 +33,8 @@ from dlharness.data.data_version import (
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.tracking.epoch_history import SYSTEM_PREFIX
 from dlharness.tracking.store_access import existing_store
-from dlharness.training.cli import plain_training_output
 from dlharness.training.config import TrainConfig, from_dict, set_dotted, validate
+from dlharness.training.output import plain_training_output
 from dlharness.training.resume import logged_config
 
 if TYPE_CHECKING:

@@ -274,7 +274,7 @@ def evaluate_epochs(
     import torch
 
     from dlharness.models.classifier import ClassifierModule
-    from dlharness.tracking.checkpoints import stored_epochs
+    from dlharness.tracking.checkpointing.artifacts import stored_epochs
     from dlharness.tracking.params import flatten
     from dlharness.training.components import build_datamodule
     from dlharness.training.config import load_config

@@ -22,30 +22,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import optuna
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
-from typing_extensions import override
 
-from dlharness.callbacks.mlflow_tracking import MlflowTracking
+from dlharness.callbacks.trial_pruning import RUN_ATTR, EpochJudge
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
 from dlharness.serving.model_logging import register_candidate
 from dlharness.sweeps.sweep_config import SweepConfig, load_sweep
 from dlharness.tracking.interruption import TrainingInterrupted
+from dlharness.tracking.provenance.run_context import set_run_tags
 from dlharness.tracking.redaction import redact_uri
-from dlharness.tracking.run_context import set_run_tags
 from dlharness.tracking.store_access import check_tracking_uri
-from dlharness.training.cli import plain_training_output
 from dlharness.training.collector import freeze_long_lived_objects
 from dlharness.training.config import TrainConfig, load_config
+from dlharness.training.output import plain_training_output
 from dlharness.training.run_lifecycle import set_experiment
 
 DEFAULT_STORAGE = "sqlite:///sweeps.db"
 # Study user attributes: the parent run, and its store.
 PARENT_ATTR = "mlflow_parent_run_id"
-# Trial user attribute: the trial's own run; a retry of a stale trial inherits it.
-RUN_ATTR = "mlflow_run_id"
 TAG_STUDY = "sweep.study"
 TAG_TRIAL = "sweep.trial"
 TAG_STATE = "sweep.state"
@@ -62,43 +58,6 @@ FINISHED_STATES = (
     optuna.trial.TrialState.PRUNED,
     optuna.trial.TrialState.FAIL,
 )
-
-
-class EpochJudge(L.Callback):
-    """Reports the sweep metric to the Optuna trial every epoch and stops a pruned trial at the
-    end of that epoch, its run kept as logged.
-
-    Args:
-        trial: The Optuna trial the fit belongs to.
-        metric: A per-epoch metric key, e.g. ``val/acc``.
-    """
-
-    def __init__(self, trial: optuna.Trial, metric: str) -> None:
-        self.trial = trial
-        self.metric = metric
-        self.values: dict[int, float] = {}
-        self.pruned_at: int | None = None
-        self.run_id: str | None = None
-
-    @override
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tracking = next((c for c in trainer.callbacks if isinstance(c, MlflowTracking)), None)
-        if tracking is not None and tracking.logging:
-            self.run_id = tracking.run.run_id
-            # Stored before the first epoch: a worker that takes a stale trial over resumes it.
-            self.trial.set_user_attr(RUN_ATTR, self.run_id)
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        value = trainer.callback_metrics.get(self.metric)
-        if trainer.sanity_checking or value is None:
-            return
-        epoch = trainer.current_epoch
-        self.values[epoch] = float(value)
-        self.trial.report(float(value), step=epoch)
-        if self.trial.should_prune():
-            self.pruned_at = epoch
-            trainer.should_stop = True
 
 
 @dataclass

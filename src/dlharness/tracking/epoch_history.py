@@ -9,7 +9,7 @@ from pathlib import Path
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from dlharness.tracking.picture_files import LOSS_CURVES_FILE, METRIC_CURVES_FILE
+from dlharness.tracking.pictures.files import LOSS_CURVES_FILE, METRIC_CURVES_FILE
 
 PLOTS_DIR = "plots"
 LOSS_CURVES = f"{PLOTS_DIR}/{LOSS_CURVES_FILE}"
@@ -76,6 +76,6 @@ def metric_batches(metrics: list[Metric], room: int = MAX_BATCH_METRICS) -> list
 
 
 def log_curve_files(client: MlflowClient, run_id: str, folder: Path) -> None:
-    """The curve files `picture_files.write_curves` wrote into `folder`, into ``plots/``."""
+    """The curve files `pictures.files.write_curves` wrote into `folder`, into ``plots/``."""
     for name in (LOSS_CURVES_FILE, METRIC_CURVES_FILE):
         client.log_artifact(run_id, str(folder / name), PLOTS_DIR)

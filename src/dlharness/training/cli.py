@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shlex
 import signal
 import sys
@@ -28,6 +26,7 @@ from dlharness.training.config import (
     TrainConfig,
     load_config,
 )
+from dlharness.training.output import plain_training_output
 
 if TYPE_CHECKING:
     from dlharness.training.train import TrainResult
@@ -238,17 +237,6 @@ def resume_hint(exc: TrainingInterrupted) -> str:
         return "No run was started."
     command = resume_command(exc.run_id, exc.tracking_uri)
     return f"Run {exc.run_id} ended KILLED with its state stored; resume: {command}"
-
-
-def plain_training_output() -> None:
-    """What the commands that train print, set up once per process."""
-    # Lightning's and MLflow's progress notes as plain lines (MLflow's autolog module would
-    # otherwise install a root handler that prefixes them with INFO:logger.name:).
-    logging.basicConfig(format="%(message)s")
-    # Creating the tables of a fresh SQLite store is routine, not news; nor is each download
-    # of a checkpoint, which MLflow would draw a progress bar for.
-    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,8 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from torch.utils.data import DataLoader
 
 from dlharness.models.classifier import ClassifierModule, classification_metrics
-from dlharness.tracking import charts
-from dlharness.tracking.images import log_png
+from dlharness.tracking.pictures import charts
+from dlharness.tracking.pictures.step_images import log_png
 
 EVALUATED_EPOCH_TAG = "dlharness.evaluated_epoch"
 # Misclassified test images shown in evaluation/misclassified.png.

@@ -24,7 +24,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
 from dlharness.errors import UsageError
-from dlharness.tracking.checkpoints import (
+from dlharness.tracking.checkpointing.artifacts import (
     CheckpointError,
     checkpoint_path,
     load_stored_checkpoint,

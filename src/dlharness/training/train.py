@@ -18,18 +18,19 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import mlflow
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, EarlyStopping, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
-from typing_extensions import override
 
+from dlharness.callbacks.best_weights import BestWeights
+from dlharness.callbacks.dataset_records import DatasetRecords, log_skipped_images
+from dlharness.callbacks.early_stop import EarlyStop
 from dlharness.callbacks.epoch_printer import EpochLinePrinter
 from dlharness.callbacks.mlflow_tracking import MlflowTracking
 from dlharness.data import ClassificationDataModule
@@ -45,16 +46,15 @@ from dlharness.serving.model_logging import (
     save_for_replay,
     spool_final_model,
 )
-from dlharness.tracking.installed_packages import PackageIndex
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
-from dlharness.tracking.run_context import set_run_tags
+from dlharness.tracking.provenance.installed_packages import PackageIndex
+from dlharness.tracking.provenance.run_context import set_run_tags
 from dlharness.tracking.spool import Spool, SpoolingClient, http_defaults, is_unreachable
 from dlharness.tracking.store_access import check_tracking_uri
 from dlharness.tracking.worker import StorageError, as_storage_error
 from dlharness.training.collector import freeze_before_training
 from dlharness.training.components import build_datamodule, build_module
 from dlharness.training.config import TrainConfig, parse_devices
-from dlharness.training.dataset_records import DatasetRecords, log_skipped_images
 from dlharness.training.distributed import is_launch_leader
 from dlharness.training.evaluation import evaluate, log_evaluation
 from dlharness.training.resume import ResumePoint, check_same_data, stored_state
@@ -189,20 +189,6 @@ def build_tracking(
     )
 
 
-class EarlyStop(EarlyStopping):
-    """Lightning's `EarlyStopping` whose patience is the config's also after a resume (Lightning
-    restores the checkpoint's), so that a stopped run resumed with more patience goes on."""
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        patience = self.patience
-        super().load_state_dict(state_dict)
-        self.patience = patience
-        # A fit resumed after an early stop has not stopped (yet).
-        self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
-        self.stopping_reason_message = None
-
-
 def build_early_stop(cfg: TrainConfig) -> EarlyStop | None:
     if cfg.tracker.early_stop_patience is None:
         return None
@@ -223,29 +209,6 @@ def early_stop_tags(early_stop: EarlyStop | None) -> dict[str, str]:
         "dlharness.stop_reason": early_stop.stopping_reason_message
         or early_stop.stopping_reason.name,
     }
-
-
-class BestWeights(Checkpoint):
-    """A CPU copy of the module's weights at the best epoch `tracking` has picked, so that the
-    end-of-run evaluation needs no download (nor a tracking server that answers).
-
-    A `Checkpoint` callback, listed after `tracking`: Lightning runs it after `tracking` has
-    judged the epoch.
-    """
-
-    def __init__(self, tracking: MlflowTracking) -> None:
-        self.tracking = tracking
-        self.epoch: int | None = None
-        self.state: dict[str, torch.Tensor] | None = None
-
-    @override
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        best = self.tracking.best_epoch
-        if trainer.is_global_zero and best == trainer.current_epoch and best != self.epoch:
-            self.epoch = best
-            self.state = {
-                k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()
-            }
 
 
 def finish(

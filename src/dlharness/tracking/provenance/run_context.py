@@ -10,8 +10,12 @@ from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT
 
-from dlharness.tracking.environment import collect_environment, environment_tags, git_state
-from dlharness.tracking.installed_packages import installed_requirements
+from dlharness.tracking.provenance.environment import (
+    collect_environment,
+    environment_tags,
+    git_state,
+)
+from dlharness.tracking.provenance.installed_packages import installed_requirements
 from dlharness.tracking.redaction import redact
 from dlharness.tracking.spool import SpoolingClient
 

@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from dlharness.errors import first_line
 from dlharness.tracking.epoch_history import metric_batches
-from dlharness.tracking.installed_packages import cache_dir
+from dlharness.tracking.provenance.installed_packages import cache_dir
 
 CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "checkpoint.pth"

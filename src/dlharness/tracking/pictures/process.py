@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dlharness.tracking.picture_files import write_confusion, write_curves
+from dlharness.tracking.pictures.files import write_confusion, write_curves
 from dlharness.tracking.worker import yield_to_training
 
 # What the helper can be asked to do: name → a function writing files.

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dlharness.tracking import charts
+from dlharness.tracking.pictures import charts
 
 # The longest side of MLflow's `log_image` preview, in pixels (mlflow.tracking.multimedia).
 PREVIEW_SIDE = 256

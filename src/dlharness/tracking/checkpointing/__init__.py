@@ -1,0 +1,2 @@
+"""Checkpoints as run artifacts: stored, listed, fetched and loaded safely, written off the
+training thread."""

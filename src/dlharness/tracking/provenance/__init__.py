@@ -1,0 +1,1 @@
+"""Where a run came from: environment, installed packages, source and model description."""
