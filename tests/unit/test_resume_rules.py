@@ -9,7 +9,7 @@ import pytest
 from dlharness.errors import UsageError
 from dlharness.tracking.params import flatten
 from dlharness.training.cli import build_parser, flag_keys, resumable_flags, unflagged_resumable
-from dlharness.training.config import CHANGES_ON_RESUME, SAFE_ON_RESUME, TrainConfig, dotted_fields
+from dlharness.training.config import SAFE_ON_RESUME, TrainConfig, declared_keys
 from dlharness.training.resume import apply_overrides
 
 from ..conftest import REPO
@@ -55,7 +55,7 @@ def test_the_logged_value_itself_is_no_change(key, value):
 
 def test_the_keys_a_resume_may_change_are_declared_once_and_listed_alike():
     """Declared on the config's fields; `--resume`'s help and docs/resume.md list them all."""
-    declared = {key for key, item in dotted_fields() if item.metadata.get(CHANGES_ON_RESUME)}
+    declared = {key.dotted for key in declared_keys() if key.changes_on_resume}
     assert declared == SAFE_ON_RESUME
     flags, keys = set(resumable_flags()), set(unflagged_resumable())
     assert {dotted for flag, dotted in flag_keys() if flag in flags} | keys == SAFE_ON_RESUME

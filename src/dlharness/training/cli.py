@@ -14,82 +14,34 @@ from dlharness.errors import EXIT_USAGE, BadImageError, OneLineArgumentParser, U
 from dlharness.tracking.interruption import TrainingInterrupted
 from dlharness.tracking.worker import StorageError
 from dlharness.training.config import (
-    ACCELERATORS,
-    AUGMENTATIONS,
-    DATASETS,
-    MODELS,
-    OPTIMIZERS,
-    PRECISIONS,
     SAFE_ON_RESUME,
-    SCHEDULERS,
-    STRATEGIES,
     TrainConfig,
+    declared_keys,
     load_config,
+    shown,
+    value_at,
 )
 from dlharness.training.output import plain_training_output
 
 if TYPE_CHECKING:
     from dlharness.training.train import TrainResult
 
-# (flag, dotted config key, argparse type, choices, help). Every flag overrides one YAML value.
-FLAGS: tuple[tuple[str, str, Any, tuple[str, ...] | None, str], ...] = (
-    ("--accelerator", "trainer.accelerator", str, ACCELERATORS, "device kind"),
-    ("--devices", "trainer.devices", str, None, "auto, a count, or GPU ids like 0,1"),
-    ("--precision", "trainer.precision", str, PRECISIONS, "numeric precision"),
-    ("--strategy", "trainer.strategy", str, STRATEGIES,
-     "ddp: one process per device, metrics reduced across them"),
-    ("--num-nodes", "trainer.num_nodes", int, None, "machines in a multi-node DDP job"),
-    ("--max-epochs", "trainer.max_epochs", int, None, "epochs to train"),
-    ("--batch-size", "data.batch_size", int, None, "samples per batch"),
-    ("--lr", "optim.lr", float, None, "learning rate"),
-    ("--optimizer", "optim.optimizer", str, OPTIMIZERS, "optimizer"),
-    ("--scheduler", "optim.scheduler", str, SCHEDULERS, "learning-rate schedule"),
-    ("--warmup-epochs", "optim.warmup_epochs", int, None,
-     "epochs of linear learning-rate warm-up before the schedule"),
-    ("--gradient-clip-val", "trainer.gradient_clip_val", float, None,
-     "clip gradients to this norm"),
-    ("--accumulate-grad-batches", "trainer.accumulate_grad_batches", int, None,
-     "sum the gradients of N batches per optimiser step"),
-    ("--seed", "seed", int, None, "seed for splits, init, shuffling"),
-    ("--dataset", "data.dataset", str, DATASETS, "data set"),
-    ("--data-dir", "data.data_dir", str, None, "data root, or the image folder for imagefolder"),
-    ("--num-workers", "data.num_workers", int, None, "data-loader worker processes"),
-    ("--augment", "data.augment", str, AUGMENTATIONS,
-     "training-split augmentation (unset: crop_flip for cifar10, none otherwise)"),
-    ("--model", "model.name", str, MODELS, "network"),
-    ("--experiment", "tracking.experiment", str, None, "MLflow experiment name"),
-    ("--run-name", "tracking.run_name", str, None, "MLflow run name"),
-    ("--tracking-uri", "tracking.tracking_uri", str, None,
-     "MLflow tracking URI (else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)"),
-    ("--register", "tracking.register_model", str, None,
-     "register the best model under this name, alias 'candidate'"),
-    ("--checkpoint-every", "tracker.checkpoint_every_n_epochs", int, None,
-     "log a resumable checkpoint every N epochs (and the last)"),
-    ("--keep-checkpoints", "tracker.keep_last_checkpoints", int, None,
-     "checkpoints kept: the last K plus the best"),
-    ("--early-stop-patience", "tracker.early_stop_patience", int, None,
-     "stop after N validation epochs without an improvement of tracker.monitor"),
-)  # fmt: skip
-
-
-SWITCHES = (
-    ("--download", "data.download", True,
-     "allow downloading mnist/fashion_mnist/cifar10 into --data-dir (default: off)"),
-    ("--data-on-device", "data.on_device", True,
-     "keep every split as tensors on the training device (default: off)"),
-    ("--skip-bad-images", "data.skip_bad_images", True,
-     "imagefolder: train on the rest when files cannot be read as images, and record them "
-     "(default: refuse the folder)"),
-    ("--channels-last", "trainer.channels_last", True,
-     "NHWC weights and batches, for tensor-core GPUs (default: off)"),
-    ("--compile", "trainer.compile", True,
-     "run the network through torch.compile; pays off on long GPU runs (default: off)"),
-    ("--no-system-metrics", "tracking.system_metrics", False,
-     "do not sample CPU/GPU/memory use into system/* metrics (default: sampled)"),
-)  # fmt: skip
+# The flags, from the config's declaration: (flag, dotted key, type, choices, help) for values,
+# (flag, dotted key, value set, help) for the switches a bool key gets, and `--tag`, one
+# KEY=VALUE a time into `tracking.tags`.
+FLAGS = tuple(
+    (key.flag, key.dotted, key.value_type, key.choices, key.help)
+    for key in declared_keys()
+    if key.flag is not None and key.value_type not in (bool, dict)
+)
+SWITCHES = tuple(
+    (key.flag, key.dotted, not key.default, key.help)
+    for key in declared_keys()
+    if key.flag is not None and key.value_type is bool
+)
 CONFIG_DESTS = frozenset({f[1] for f in FLAGS} | {s[1] for s in SWITCHES})
-# Sets `tracking.tags`, one KEY=VALUE a time.
-TAG_FLAG = ("--tag", "tracking.tags")
+[TAG_KEY] = [key for key in declared_keys() if key.value_type is dict]
+TAG_FLAG = (TAG_KEY.flag, TAG_KEY.dotted)
 
 
 def flag_keys() -> list[tuple[str, str]]:
@@ -105,13 +57,6 @@ def resumable_flags() -> list[str]:
 def unflagged_resumable() -> list[str]:
     """The keys a resume may change that no flag sets (a config file does)."""
     return sorted(SAFE_ON_RESUME - {dotted for _, dotted in flag_keys()})
-
-
-def _default_of(dotted: str) -> Any:
-    node: Any = TrainConfig()
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,16 +79,23 @@ def build_parser() -> argparse.ArgumentParser:
             choices=choices,
             metavar=None if choices else flag.lstrip("-").upper().replace("-", "_"),
             default=None,
-            help=f"{text} (default: {_default_of(dotted)})",
+            help=f"{text} (default: {shown(value_at(TrainConfig(), dotted))})",
         )
     for flag, dotted, value, text in SWITCHES:
-        parser.add_argument(flag, dest=dotted, action="store_const", const=value, help=text)
+        default = "off" if value else "on; this flag turns it off"
+        parser.add_argument(
+            flag,
+            dest=dotted,
+            action="store_const",
+            const=value,
+            help=f"{text} (default: {default})",
+        )
     parser.add_argument(
-        "--tag",
+        TAG_KEY.flag,
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="MLflow run tag, repeatable (default: none)",
+        help=f"{TAG_KEY.help} (default: none)",
     )
     parser.add_argument(
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"

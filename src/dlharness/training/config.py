@@ -41,123 +41,233 @@ MODES = ("min", "max")
 AUGMENTATIONS = ("none", "crop_flip")
 TAG_KEY = re.compile(r"[\w\-. /]+")
 REGISTERED_NAME = re.compile(r"[A-Za-z0-9][\w\-.]*")
-# A field's metadata: a resume may change its value. Where and how long the run trains and what
-# it logs on the side may change; every other key (data, network, optimiser, seed, precision)
-# would not continue the same training, and a resume refuses a change to it.
+# Each key is declared once, by `setting(...)`: default, help, choices, its flag and whether a
+# resume may change it. Where and how long the run trains and what it logs on the side may
+# change; every other key (data, network, optimiser, seed, precision) would not continue the
+# same training, and a resume refuses a change to it. The CLI's flags, validation of choices,
+# `--resume`'s help, the resume check and docs/configuration.md are derived from these.
+HELP = "help"
+CHOICES = "choices"
+FLAG = "flag"
 CHANGES_ON_RESUME = "changes_on_resume"
 
 
-def _resumable(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    return field(default=default, metadata={CHANGES_ON_RESUME: True}, **kwargs)
+def setting(
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+    flag: str | None = None,
+    resume: bool = False,
+    default_factory: Any = dataclasses.MISSING,
+) -> Any:
+    """A config key's one declaration. A bool's flag is a switch to the other value."""
+    metadata = {HELP: help, CHOICES: choices, FLAG: flag, CHANGES_ON_RESUME: resume}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"
-    # Root for torchvision data sets (they live in sub-folders) or the image folder itself.
-    data_dir: str = _resumable("data")
-    download: bool = _resumable(False)
-    batch_size: int = 64
-    num_workers: int = _resumable(0)
-    # Fractions of the whole set for digits/imagefolder; for torchvision sets, whose test split
-    # is fixed, val_fraction is taken from the official training split and test_fraction unused.
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    # Square side in pixels that images are resized to; null keeps the data set's own size
-    # (imagefolder needs one because its files may differ in size).
-    image_size: int | None = None
-    # Hold every split as tensors on the training device (read and transformed once, with
-    # num_workers): a batch is then one indexing op, with no per-sample collation and no
-    # host-to-device copy. For sets that fit in the device's memory (CIFAR-10: 0.6 GB).
-    on_device: bool = _resumable(False)
-    # Training-split augmentation: none, or crop_flip (random crop after padding by an eighth of
-    # the side, and a horizontal flip); null takes the data set's default (crop_flip for
-    # cifar10, none for the others).
-    augment: str | None = None
-    # imagefolder: leave out files that cannot be read as images (recorded in the run) instead
-    # of refusing the folder.
-    skip_bad_images: bool = False
+    dataset: str = setting("digits", help="data set", choices=DATASETS, flag="--dataset")
+    data_dir: str = setting(
+        "data",
+        help="data root (torchvision sets live in sub-folders), or the image folder itself",
+        flag="--data-dir",
+        resume=True,
+    )
+    download: bool = setting(
+        False,
+        help="allow downloading mnist/fashion_mnist/cifar10 into data_dir",
+        flag="--download",
+        resume=True,
+    )
+    batch_size: int = setting(64, help="samples per batch", flag="--batch-size")
+    num_workers: int = setting(
+        0, help="data-loader worker processes", flag="--num-workers", resume=True
+    )
+    # For torchvision sets, whose test split is fixed, val_fraction is taken from the official
+    # training split and test_fraction unused.
+    val_fraction: float = setting(0.15, help="fraction of the whole set for validation")
+    test_fraction: float = setting(
+        0.15, help="fraction of the whole set for testing (digits, imagefolder)"
+    )
+    # imagefolder needs one because its files may differ in size.
+    image_size: int | None = setting(
+        None, help="square side in pixels images are resized to; null keeps the set's own size"
+    )
+    # A batch is then one indexing op, with no per-sample collation and no host-to-device copy;
+    # for sets that fit in the device's memory (CIFAR-10: 0.6 GB).
+    on_device: bool = setting(
+        False,
+        help="keep every split as tensors on the training device, read and transformed once",
+        flag="--data-on-device",
+        resume=True,
+    )
+    augment: str | None = setting(
+        None,
+        help="training-split augmentation: crop_flip is a random crop after padding by an "
+        "eighth of the side and a horizontal flip; null: crop_flip for cifar10, none otherwise",
+        choices=AUGMENTATIONS,
+        flag="--augment",
+    )
+    skip_bad_images: bool = setting(
+        False,
+        help="imagefolder: train on the rest when files cannot be read as images, and record "
+        "them in the run, instead of refusing the folder",
+        flag="--skip-bad-images",
+    )
 
 
 @dataclass
 class ModelConfig:
-    name: str = "cnn"
-    # Channels of the first conv stage of the small CNN; doubled at each downsampling.
-    width: int = 32
-    dropout: float = 0.1
+    name: str = setting("cnn", help="network", choices=MODELS, flag="--model")
+    width: int = setting(
+        32, help="channels of the small CNN's first conv stage, doubled at each downsampling"
+    )
+    dropout: float = setting(0.1, help="dropout before the classifier head, in [0, 1)")
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 0.003
-    weight_decay: float = 0.0001
-    # Used by sgd only.
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    # Epochs of linear warm-up from lr/(N+1) to lr, before the schedule.
-    warmup_epochs: int = 0
+    optimizer: str = setting("adam", help="optimizer", choices=OPTIMIZERS, flag="--optimizer")
+    lr: float = setting(0.003, help="learning rate", flag="--lr")
+    weight_decay: float = setting(0.0001, help="weight decay")
+    momentum: float = setting(0.9, help="momentum (sgd only)")
+    scheduler: str = setting(
+        "cosine", help="learning-rate schedule", choices=SCHEDULERS, flag="--scheduler"
+    )
+    warmup_epochs: int = setting(
+        0,
+        help="epochs of linear learning-rate warm-up (from lr/(N+1) to lr) before the schedule",
+        flag="--warmup-epochs",
+    )
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = _resumable(20)
-    accelerator: str = _resumable("auto")
-    devices: int | str = _resumable("auto")
-    precision: str = "32"
-    strategy: str = _resumable("auto")
-    # Machines in a multi-node DDP job (each runs the same command; see the README).
-    num_nodes: int = _resumable(1)
-    deterministic: bool = True
-    # NHWC weights and batches: faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
-    channels_last: bool = _resumable(False)
-    # Run the network through torch.compile (Inductor): compiled at the first batches of each
-    # shape and mode, faster after that. Checkpoints and logged models are the same either way.
-    compile: bool = _resumable(False)
-    # Lightning's own: clip gradients to this norm (null: no clipping); sum the gradients of
-    # this many batches before each optimiser step.
-    gradient_clip_val: float | None = None
-    accumulate_grad_batches: int = 1
+    max_epochs: int = setting(20, help="epochs to train", flag="--max-epochs", resume=True)
+    accelerator: str = setting(
+        "auto", help="device kind", choices=ACCELERATORS, flag="--accelerator", resume=True
+    )
+    devices: int | str = setting(
+        "auto", help="auto, a count, or GPU ids like 0,1", flag="--devices", resume=True
+    )
+    precision: str = setting("32", help="numeric precision", choices=PRECISIONS, flag="--precision")
+    strategy: str = setting(
+        "auto",
+        help="ddp: one process per device, metrics reduced across them",
+        choices=STRATEGIES,
+        flag="--strategy",
+        resume=True,
+    )
+    num_nodes: int = setting(
+        1, help="machines in a multi-node DDP job", flag="--num-nodes", resume=True
+    )
+    deterministic: bool = setting(True, help="Lightning's deterministic algorithms")
+    # Faster convolutions on tensor-core GPUs (with 16/bf16-mixed).
+    channels_last: bool = setting(
+        False,
+        help="NHWC weights and batches, for tensor-core GPUs",
+        flag="--channels-last",
+        resume=True,
+    )
+    # Compiled at the first batches of each shape and mode, faster after that. Checkpoints and
+    # logged models are the same either way.
+    compile: bool = setting(
+        False,
+        help="run the network through torch.compile; pays off on long GPU runs",
+        flag="--compile",
+        resume=True,
+    )
+    gradient_clip_val: float | None = setting(
+        None, help="clip gradients to this norm (Lightning's)", flag="--gradient-clip-val"
+    )
+    accumulate_grad_batches: int = setting(
+        1,
+        help="sum the gradients of N batches per optimiser step (Lightning's)",
+        flag="--accumulate-grad-batches",
+    )
 
 
 @dataclass
 class TrackingConfig:
-    # null: $MLFLOW_TRACKING_URI if set, else sqlite:///mlflow.db in the working directory.
-    tracking_uri: str | None = _resumable(None)
-    experiment: str = "dlharness"
-    run_name: str | None = _resumable(None)
-    tags: dict[str, str] = _resumable(default_factory=dict)  # noqa: RUF009 (a field())
-    autolog: bool = True
-    # MLflow's sampler of CPU, memory, disk, network and (with NVML) GPU use, as system/* metrics.
-    system_metrics: bool = _resumable(True)
-    # Registered-model name for the best model; its new version gets the alias "candidate".
-    register_model: str | None = _resumable(None)
-    # Where writes go while the tracking server does not answer, one folder per run; replay
-    # them with `dlharness-sync FOLDER/RUN_ID`.
-    spool_dir: str = "mlflow-spool"
+    tracking_uri: str | None = setting(
+        None,
+        help="MLflow tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db",
+        flag="--tracking-uri",
+        resume=True,
+    )
+    experiment: str = setting("dlharness", help="MLflow experiment name", flag="--experiment")
+    run_name: str | None = setting(
+        None, help="MLflow run name; null: MLflow's", flag="--run-name", resume=True
+    )
+    tags: dict[str, str] = setting(  # noqa: RUF009 (a field())
+        help="MLflow run tags (--tag KEY=VALUE, repeatable)",
+        flag="--tag",
+        resume=True,
+        default_factory=dict,
+    )
+    autolog: bool = setting(True, help="mlflow.pytorch.autolog alongside the tracking callback")
+    system_metrics: bool = setting(
+        True,
+        help="MLflow's sampler of CPU, memory, disk, network and (with NVML) GPU use, as "
+        "system/* metrics",
+        flag="--no-system-metrics",
+        resume=True,
+    )
+    register_model: str | None = setting(
+        None,
+        help="register the best model under this name, alias 'candidate'",
+        flag="--register",
+        resume=True,
+    )
+    spool_dir: str = setting(
+        "mlflow-spool",
+        help="where writes wait while the tracking server does not answer, a folder per run "
+        "(replayed by dlharness-sync FOLDER/RUN_ID)",
+    )
 
 
 @dataclass
 class TrackerConfig:
     """The epoch tracker: what is logged beyond autolog, and the checkpoint policy."""
 
-    checkpoint_every_n_epochs: int = 1
-    # Checkpoints kept in the run: the last K plus the best; null keeps all.
-    keep_last_checkpoints: int | None = _resumable(5)
-    monitor: str = "val/loss"
-    mode: str = "min"
-    # Loss/metric curves and the validation confusion matrix, re-drawn every epoch.
-    plots: bool = _resumable(True)
-    onnx: bool = _resumable(True)
-    # Stop after this many validation epochs without an improvement of `monitor` by more than
-    # `min_delta`; null trains every epoch.
-    early_stop_patience: int | None = _resumable(None)
-    min_delta: float = _resumable(0.0)
+    checkpoint_every_n_epochs: int = setting(
+        1,
+        help="log a resumable checkpoint every N epochs (and the last)",
+        flag="--checkpoint-every",
+    )
+    keep_last_checkpoints: int | None = setting(
+        5,
+        help="checkpoints kept: the last K plus the best; null keeps all",
+        flag="--keep-checkpoints",
+        resume=True,
+    )
+    monitor: str = setting(
+        "val/loss", help="the metric that picks the best epoch", choices=MONITORABLE
+    )
+    mode: str = setting("min", help="whether monitor is better low or high", choices=MODES)
+    plots: bool = setting(
+        True,
+        help="loss/metric curves and the validation confusion matrix, re-drawn every epoch",
+        resume=True,
+    )
+    onnx: bool = setting(True, help="log an ONNX export of the best model", resume=True)
+    early_stop_patience: int | None = setting(
+        None,
+        help="stop after N validation epochs without an improvement of tracker.monitor by "
+        "more than min_delta; null trains every epoch",
+        flag="--early-stop-patience",
+        resume=True,
+    )
+    min_delta: float = setting(
+        0.0, help="the least change of monitor that counts as an improvement", resume=True
+    )
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 42
+    seed: int = setting(42, help="seed for splits, init, shuffling", flag="--seed")
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -179,17 +289,66 @@ class TrainConfig:
         )
 
 
-def dotted_fields(config: Any = None, prefix: str = "") -> list[tuple[str, dataclasses.Field]]:
-    """Every key of the config as a dotted path, with its dataclass field."""
+@dataclass(frozen=True)
+class Key:
+    """One config key as declared: its dotted name, type and `setting(...)` metadata."""
+
+    dotted: str
+    type: Any
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+    flag: str | None
+    changes_on_resume: bool
+
+    @property
+    def value_type(self) -> type:
+        """The type a flag's text converts to: int for `int | None`, str for `int | str`."""
+        if typing.get_origin(self.type) is dict:
+            return dict
+        options = [t for t in typing.get_args(self.type) if t is not type(None)] or [self.type]
+        return options[0] if len(options) == 1 else str
+
+
+def declared_keys(config: Any = None, prefix: str = "") -> list[Key]:
+    """Every key of the config with its declaration, in declaration order."""
     config = TrainConfig() if config is None else config
-    found = []
+    hints = typing.get_type_hints(type(config))
+    keys = []
     for item in dataclasses.fields(config):
         value = getattr(config, item.name)
         if dataclasses.is_dataclass(value):
-            found += dotted_fields(value, f"{prefix}{item.name}.")
-        else:
-            found.append((f"{prefix}{item.name}", item))
-    return found
+            keys += declared_keys(value, f"{prefix}{item.name}.")
+            continue
+        meta = item.metadata
+        keys.append(
+            Key(
+                f"{prefix}{item.name}",
+                hints[item.name],
+                value,
+                meta[HELP],
+                meta[CHOICES],
+                meta[FLAG],
+                meta[CHANGES_ON_RESUME],
+            )
+        )
+    return keys
+
+
+def shown(value: Any) -> str:
+    """A default as help and docs write it: none, off/on, or the value."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value) if value != {} else "none"
+
+
+def value_at(config: Any, dotted: str) -> Any:
+    """The value of dotted key `dotted` in `config`."""
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
 
 
 def load_config(
@@ -299,13 +458,10 @@ def _positive(key: str, value: float) -> None:
 
 def validate(cfg: TrainConfig) -> None:
     """Check every value whose type is right but whose content can still be wrong."""
-    _choice("data.dataset", cfg.data.dataset, DATASETS)
-    _choice("model.name", cfg.model.name, MODELS)
-    _choice("optim.optimizer", cfg.optim.optimizer, OPTIMIZERS)
-    _choice("optim.scheduler", cfg.optim.scheduler, SCHEDULERS)
-    _choice("trainer.accelerator", cfg.trainer.accelerator, ACCELERATORS)
-    _choice("trainer.precision", cfg.trainer.precision, PRECISIONS)
-    _choice("trainer.strategy", cfg.trainer.strategy, STRATEGIES)
+    for key in declared_keys():
+        value = value_at(cfg, key.dotted)
+        if key.choices is not None and value is not None:
+            _choice(key.dotted, value, key.choices)
     _positive("trainer.num_nodes", cfg.trainer.num_nodes)
     _positive("optim.lr", cfg.optim.lr)
     _positive("data.batch_size", cfg.data.batch_size)
@@ -327,8 +483,6 @@ def validate(cfg: TrainConfig) -> None:
             raise UsageError(f"data.{key} must be in (0, 1), got {value}")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 1:
         raise UsageError("data.val_fraction + data.test_fraction must leave a training split (< 1)")
-    if cfg.data.augment is not None:
-        _choice("data.augment", cfg.data.augment, AUGMENTATIONS)
     if cfg.optim.warmup_epochs < 0:
         raise UsageError(f"optim.warmup_epochs must be 0 or more, got {cfg.optim.warmup_epochs}")
     if cfg.optim.warmup_epochs >= cfg.trainer.max_epochs:
@@ -347,8 +501,6 @@ def validate(cfg: TrainConfig) -> None:
         raise UsageError(
             f"tracker.min_delta must be a finite number >= 0, got {cfg.tracker.min_delta}"
         )
-    _choice("tracker.monitor", cfg.tracker.monitor, MONITORABLE)
-    _choice("tracker.mode", cfg.tracker.mode, MODES)
     _positive("tracker.checkpoint_every_n_epochs", cfg.tracker.checkpoint_every_n_epochs)
     if cfg.tracker.keep_last_checkpoints is not None:
         _positive("tracker.keep_last_checkpoints", cfg.tracker.keep_last_checkpoints)
@@ -405,7 +557,5 @@ def parse_devices(devices: int | str) -> int | str | list[int]:
     )
 
 
-# What a resume may change, from the fields' declarations (`CHANGES_ON_RESUME`).
-SAFE_ON_RESUME = frozenset(
-    key for key, item in dotted_fields() if item.metadata.get(CHANGES_ON_RESUME)
-)
+# What a resume may change, from the keys' declarations.
+SAFE_ON_RESUME = frozenset(key.dotted for key in declared_keys() if key.changes_on_resume)
