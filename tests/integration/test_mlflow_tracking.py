@@ -32,6 +32,7 @@ import dlharness
 from dlharness import CheckpointError, MlflowTracking, checkpoint_path
 from dlharness.callbacks.mlflow_tracking import PICTURE_HELPER
 from dlharness.tracking.checkpointing.artifacts import BEST_EPOCH_TAG, stored_epochs
+from dlharness.tracking.checkpointing.logged_models import checkpoint_models
 
 from ..conftest import artifact_paths, empty_store
 
@@ -158,6 +159,10 @@ def test_boring_model_gets_a_finished_run_with_checkpoints_and_says_what_it_lack
     assert run.info.status == "FINISHED" and run.info.run_id == tracking.run.run_id
     client = MlflowClient(uri)
     assert stored_epochs(client, run.info.run_id) == [0, 1]
+    # Each checkpoint a READY LoggedModel; BoringModel logs no epoch metric to link to them.
+    models = checkpoint_models(client, run.info.experiment_id, run.info.run_id)
+    assert sorted(models) == [0, 1]
+    assert all(m.status == "READY" and not m.metrics for m in models.values())
     assert {"env.accelerator", "torch.version", "mlflow.user", "model.parameters"} <= set(
         run.data.tags
     )
@@ -206,6 +211,13 @@ def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkp
     best = min(val_loss, key=val_loss.get)
     assert run.data.tags[BEST_EPOCH_TAG] == str(best) == str(tracking.best_epoch)
     assert stored_epochs(client, run_id) == sorted({best, 3})
+    # The kept checkpoints' models, their metrics linked to them; no dataset was logged.
+    models = checkpoint_models(client, run.info.experiment_id, run_id)
+    assert sorted(models) == sorted({best, 3})
+    for epoch, model in models.items():
+        linked = {m.key: m for m in model.metrics}
+        assert linked["val_loss"].value == val_loss[epoch]
+        assert all(m.model_id == model.model_id and m.dataset_name is None for m in linked.values())
     assert any(key.startswith("system/") for key in run.data.metrics)
     # trainer.test(ckpt_path="best") and validate load the best stored checkpoint.
     [result] = trainer.validate(datamodule=ExternalData(), ckpt_path="best", verbose=False)

@@ -28,14 +28,17 @@ from lightning.pytorch.utilities.model_summary import ModelSummary
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from typing_extensions import override
 
+from dlharness.errors import first_line
 from dlharness.tracking.checkpointing.artifacts import (
     CHECKPOINT_FILE,
     checkpoint_path,
     delete_checkpoint,
-    store_checkpoint,
     stored_epochs,
+    tag_checkpoint,
+    upload_checkpoint,
 )
 from dlharness.tracking.checkpointing.background_io import BackgroundCheckpointIO
+from dlharness.tracking.checkpointing.logged_models import CheckpointModels
 from dlharness.tracking.checkpointing.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.epoch_history import History, LoggedSteps, log_curve_files
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
@@ -160,6 +163,10 @@ class MlflowTracking(Checkpoint):
             and the training thread is the bottleneck (a GPU fit); on a CPU fit that keeps every
             core busy it saves nothing. False draws them on the tracking thread.
         spool_dir: Where writes wait while the tracking server does not answer, a folder per run.
+        logged_models: Make each stored checkpoint an MLflow 3 LoggedModel of the run (the
+            experiment's Models tab: a row per checkpoint, its epoch's metrics linked to it
+            and to the run's dataset of their stage), deleted with its checkpoint; the files
+            are then stored twice (the run's and the model's artifacts).
         source_dir: A folder inside the source checkout whose git state is recorded; default:
             the entry script's folder, else the working directory.
     """
@@ -184,6 +191,7 @@ class MlflowTracking(Checkpoint):
         fast_images: bool = False,
         draw_in_subprocess: bool = False,
         spool_dir: str = DEFAULT_SPOOL_DIR,
+        logged_models: bool = True,
         source_dir: str | None = None,
     ) -> None:
         if mode not in ("min", "max"):
@@ -219,6 +227,7 @@ class MlflowTracking(Checkpoint):
         self.fast_images = fast_images
         self.draw_in_subprocess = draw_in_subprocess
         self.spool_dir = spool_dir
+        self.logged_models = logged_models
         self.source_dir = source_dir
 
         # Kept in every checkpoint (state_dict): what an exact, exactly-once resume needs.
@@ -263,6 +272,8 @@ class MlflowTracking(Checkpoint):
         self._upload: Future | None = None
         self._said: set[str] = set()
         self._downloaded: dict[int, str] = {}
+        self._models: CheckpointModels | None = None
+        self._model_params: dict[str, str] = {}
 
     @property
     @override
@@ -322,6 +333,8 @@ class MlflowTracking(Checkpoint):
         self._spool = Spool.open(self.spool_dir, run_id, uri)
         self.client = SpoolingClient(uri, self.spool_dir, run_id)
         self._worker = TrackingWorker()
+        if self.logged_models:
+            self._models = CheckpointModels(self.client, run_id, self.run.source != CREATED)
         self._pictures = PictureProcess(in_subprocess=self.draw_in_subprocess)
         self._scratch = Path(tempfile.mkdtemp(prefix="dlharness-checkpoints-"))
         # Checkpoint files of ours are written on the worker; every other save goes through
@@ -427,6 +440,7 @@ class MlflowTracking(Checkpoint):
         self._curves_drawn_at = -math.inf
         self._images_tagged = False
         self._upload = None
+        self._models, self._model_params = None, {}
         self.save_seconds, self.hook_seconds, self.job_seconds = 0.0, 0.0, {}
 
     def _wants_system_metrics(self) -> bool:
@@ -458,13 +472,14 @@ class MlflowTracking(Checkpoint):
             trainer.num_nodes,
         )
         self.submit("source and requirements", log_source, client, run_id, self._source_folder())
+        hparams = dict(pl_module.hparams)
+        if trainer.datamodule is not None:
+            for key, value in dict(trainer.datamodule.hparams).items():
+                hparams.setdefault(key, value)
+        self._model_params = as_param_values(hparams) if hparams else {}
         if self.run.source != FROM_LOGGER:
-            hparams = dict(pl_module.hparams)
-            if trainer.datamodule is not None:
-                for key, value in dict(trainer.datamodule.hparams).items():
-                    hparams.setdefault(key, value)
             if hparams:
-                params = as_param_values(hparams)
+                params = self._model_params
                 self.submit("hyperparameters", client.log_params_once, run_id, params)
             else:
                 self._say("hparams", "MlflowTracking: no hyperparameters to log (the module "
@@ -769,7 +784,11 @@ class MlflowTracking(Checkpoint):
         run_id = self.run.run_id
         metrics = self._logged.unsent(epoch, values) if values else []
         try:
-            store_checkpoint(self.client, run_id, epoch, partial, record, best, metrics)
+            record = upload_checkpoint(self.client, run_id, epoch, partial, record)
+            model_id = self._checkpoint_model(epoch, partial.parent, record)
+            if model_id is not None:
+                metrics = self._models.link(metrics, model_id)
+            tag_checkpoint(self.client, run_id, epoch, best, metrics)
         except Exception:
             # The epoch's values are kept even when its checkpoint is not; the checkpoint's
             # failure is the one reported.
@@ -779,8 +798,33 @@ class MlflowTracking(Checkpoint):
             raise
         self._logged.mark_sent(metrics)
         shutil.rmtree(partial.parent, ignore_errors=True)
+        if model_id is not None:
+            self._model_step("checkpoint model tags", self._models.stored, epoch, best)
         for old in doomed:
             delete_checkpoint(self.client, run_id, old)
+            if self._models is not None:
+                self._model_step("checkpoint model deletion", self._models.delete, old)
+
+    def _checkpoint_model(self, epoch: int, folder: Path, record: dict[str, Any]) -> str | None:
+        """Epoch `epoch`'s LoggedModel, or None: turned off, the server silent (a model needs
+        the id it answers with), or its creation failed (said once; training goes on)."""
+        if self._models is None:
+            return None
+        if self.client.offline:
+            self._say("models offline", "MlflowTracking: checkpoints stored while the tracking "
+                      "server does not answer get no LoggedModel")  # fmt: skip
+            return None
+        return self._model_step(
+            "checkpoint model", self._models.create, epoch, folder, record,
+            self._model_params, self.monitor,
+        )  # fmt: skip
+
+    def _model_step(self, what: str, step: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return step(*args)
+        except Exception as exc:
+            self._say(what, f"MlflowTracking: {what} failed and was skipped: {first_line(exc)}")
+            return None
 
     def _stop_now(self, where: str) -> None:
         """Wait until the checkpoint just taken is stored, then end training."""

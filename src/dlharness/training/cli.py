@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument(
         "--resume",
         metavar="RUN",
-        help="run id (latest checkpoint) or runs:/RUN_ID/checkpoints/epoch_N (default: none)",
+        help="run id (latest checkpoint), runs:/RUN_ID/checkpoints/epoch_N, or models:/MODEL_ID "
+        "(a checkpoint's LoggedModel) (default: none)",
     )
     resume.add_argument(
         "--resume-epoch",

@@ -253,6 +253,12 @@ class TrackerConfig:
         resume=True,
     )
     onnx: bool = setting(True, help="log an ONNX export of the best model", resume=True)
+    logged_models: bool = setting(
+        True,
+        help="each stored checkpoint an MLflow LoggedModel (the experiment's Models tab), its "
+        "epoch's metrics linked to it and to the split's dataset",
+        resume=True,
+    )
     early_stop_patience: int | None = setting(
         None,
         help="stop after N validation epochs without an improvement of tracker.monitor by "

@@ -23,13 +23,14 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dlharness.data import ClassificationDataModule
 from dlharness.data.fingerprint import content_digest
-from dlharness.errors import UsageError
+from dlharness.errors import UsageError, first_line
 from dlharness.tracking.checkpointing.artifacts import (
     CheckpointError,
     checkpoint_path,
     load_stored_checkpoint,
     stored_epochs,
 )
+from dlharness.tracking.checkpointing.logged_models import MODELS_URI, model_checkpoint
 from dlharness.tracking.params import flatten
 from dlharness.tracking.store_access import server_refusal
 from dlharness.training.config import SAFE_ON_RESUME, TrainConfig, from_dict, set_dotted, validate
@@ -68,9 +69,23 @@ def parse_target(target: str, epoch: int | None) -> tuple[str, int | None]:
     if _RUN_ID.match(target):
         return target, epoch
     raise UsageError(
-        "--resume expects a run id (32 hex digits) or runs:/RUN_ID/checkpoints/epoch_N, "
+        "--resume expects a run id (32 hex digits), runs:/RUN_ID/checkpoints/epoch_N or "
+        "models:/MODEL_ID, "
         f"got '{target}'"
     )
+
+
+def model_target(
+    client: MlflowClient, target: str, epoch: int | None, tracking_uri: str
+) -> tuple[str, int]:
+    """``models:/<model_id>`` of a checkpoint → (its run id, its epoch)."""
+    if epoch is not None:
+        raise UsageError(f"--resume-epoch cannot be combined with {target}: it names one epoch")
+    try:
+        return model_checkpoint(client, target)
+    except (MlflowException, ValueError) as exc:
+        refusal = server_refusal(exc, tracking_uri, f"to read {target}")
+        raise UsageError(refusal or f"{target}: {first_line(exc)}") from None
 
 
 def logged_config(client: MlflowClient, run_id: str) -> dict[str, Any]:
@@ -114,8 +129,11 @@ def prepare_resume(
     trained_ok: bool = False,
     trusted: bool = False,
 ) -> ResumePoint:
-    run_id, epoch = parse_target(target, epoch)
     client = MlflowClient(tracking_uri)
+    if target.strip().startswith(MODELS_URI):
+        run_id, epoch = model_target(client, target.strip(), epoch, tracking_uri)
+    else:
+        run_id, epoch = parse_target(target, epoch)
     try:
         finished = client.get_run(run_id).info.status == "FINISHED"
     except MlflowException as exc:

@@ -185,6 +185,7 @@ def build_tracking(
         # cores are busy with training: a helper process costs its start-up and saves nothing.
         draw_in_subprocess=accelerator == "gpu",
         spool_dir=cfg.tracking.spool_dir,
+        logged_models=cfg.tracker.logged_models,
         source_dir=str(PACKAGE_DIR),
     )
 

@@ -19,6 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from dlharness.errors import first_line
+from dlharness.tracking.checkpointing.logged_models import MODELS_URI, model_checkpoint
 from dlharness.tracking.epoch_history import metric_batches
 from dlharness.tracking.provenance.installed_packages import cache_dir
 
@@ -56,19 +57,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def store_checkpoint(
-    client: MlflowClient,
-    run_id: str,
-    epoch: int,
-    partial: Path,
-    record: dict[str, Any],
-    best: int | None,
-    metrics: Sequence[Metric] = (),
-) -> None:
+def upload_checkpoint(
+    client: MlflowClient, run_id: str, epoch: int, partial: Path, record: dict[str, Any]
+) -> dict[str, Any]:
     """Move the written `partial` file into place, then upload it and its record (the record
-    last: a checkpoint without one is incomplete and never resumed from), then tag the run's
-    latest and best checkpoints, in one `log_batch` with `metrics` (the epoch's values: one
-    database write an epoch instead of two, each milliseconds of CPU on SQLite)."""
+    last: a checkpoint without one is incomplete and never resumed from). Returns the record,
+    with the file's sha256 and size; both files stay in `partial`'s folder."""
     path = partial.with_name(CHECKPOINT_FILE)
     os.replace(partial, path)  # a complete file or none, never half of one
     record = {**record, "sha256": file_sha256(path), "size_bytes": path.stat().st_size}
@@ -81,6 +75,18 @@ def store_checkpoint(
         with contextlib.suppress(Exception):
             delete_checkpoint(client, run_id, epoch)
         raise
+    return record
+
+
+def tag_checkpoint(
+    client: MlflowClient,
+    run_id: str,
+    epoch: int,
+    best: int | None,
+    metrics: Sequence[Metric] = (),
+) -> None:
+    """Tag the run's latest and best checkpoints, in one `log_batch` with `metrics` (the epoch's
+    values: one database write an epoch instead of two, each milliseconds of CPU on SQLite)."""
     tags = [RunTag(LATEST_CHECKPOINT_TAG, f"{epoch_dir(epoch)}/{CHECKPOINT_FILE}")]
     if best is not None:
         tags.append(RunTag(BEST_EPOCH_TAG, str(best)))
@@ -183,7 +189,8 @@ def load_stored_checkpoint(
     only with `trusted`.
 
     Args:
-        run_id: The run that logged the checkpoints (with `MlflowTracking` or dlharness).
+        run_id: The run that logged the checkpoints (with `MlflowTracking` or dlharness), or
+            ``models:/<model_id>``: the checkpoint that LoggedModel is (then no `epoch`).
         epoch: Which epoch's checkpoint; None: the latest stored.
         tracking_uri: The tracking store; default: MLflow's current one.
         dst: Folder to download into; default: ``~/.cache/dlharness/checkpoints/RUN_ID/epoch_N``
@@ -196,6 +203,13 @@ def load_stored_checkpoint(
         CheckpointError: unknown run, no such checkpoint, or one that fails a check.
     """
     client = MlflowClient(tracking_uri)
+    if run_id.startswith(MODELS_URI):
+        if epoch is not None:
+            raise CheckpointError(f"{run_id} names one checkpoint: pass no epoch")
+        try:
+            run_id, epoch = model_checkpoint(client, run_id)
+        except (MlflowException, ValueError) as exc:
+            raise CheckpointError(f"{run_id}: {first_line(exc)}") from None
     try:
         client.get_run(run_id)
         available = stored_epochs(client, run_id)
