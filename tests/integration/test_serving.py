@@ -4,6 +4,7 @@ and promotion with rollback in the registry (SQLite and through a tracking serve
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import http.server
 import io
@@ -20,10 +21,13 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from dlharness import checkpoint_path
 from dlharness.data.base import image_transform
 from dlharness.data.digits import DigitsDataModule, digit_images
+from dlharness.models.nets import build_net
 from dlharness.serving import predict, promote, serve
 from dlharness.store.server import free_port, running_server, stop_server, wait_until_healthy
+from dlharness.tracking.checkpointing.logged_models import checkpoint_models
 from dlharness.training.train import train
 from tests.conftest import PYTHON, bench_module, cli_env, empty_store, make_store, tiny_config
 
@@ -57,15 +61,14 @@ def expected_probabilities(result, raw: np.ndarray) -> np.ndarray:
         return result.module.net.cpu().eval()(x).softmax(dim=1).numpy()
 
 
-@pytest.fixture(scope="module")
-def server(trained, tmp_path_factory):
-    """`dlharness-serve models:/NAME@champion` on a free loopback port: its URL."""
-    uri, _ = trained
+@contextlib.contextmanager
+def serving(model_uri: str, uri: str, folder: Path):
+    """`dlharness-serve MODEL_URI` on a free loopback port: its URL."""
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = folder / "serve.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [str(Path(PYTHON).parent / "dlharness-serve"), f"models:/{NAME}@champion",
+            [str(Path(PYTHON).parent / "dlharness-serve"), model_uri,
              "--port", str(port), "--tracking-uri", uri],
             env=cli_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
@@ -78,6 +81,39 @@ def server(trained, tmp_path_factory):
         yield url
     finally:
         stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(trained, tmp_path_factory):
+    """`dlharness-serve models:/NAME@champion`: its URL."""
+    uri, _ = trained
+    with serving(f"models:/{NAME}@champion", uri, tmp_path_factory.mktemp("serve")) as url:
+        yield url
+
+
+def test_an_earlier_epochs_checkpoint_is_registered_and_served_like_that_epochs_network(
+    trained, images, tmp_path
+):
+    uri, result = trained
+    client = MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    first = checkpoint_models(client, run.info.experiment_id, result.run_id)[0].model_id
+    argv = ["digits-epoch-0", "--checkpoint", f"models:/{first}", "--tracking-uri", uri]
+    assert promote.main(argv) == 0
+    assert client.get_run(result.run_id).info.status == "FINISHED"  # reopened, not changed
+    version = client.get_model_version_by_alias("digits-epoch-0", "candidate")
+    assert version.run_id == result.run_id
+    path = checkpoint_path(f"models:/{first}", tracking_uri=uri, dst=tmp_path / "checkpoint")
+    state = torch.load(path, weights_only=True)
+    net = build_net(state["hyper_parameters"]["net_spec"])
+    net.load_state_dict({k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")})
+    x = image_transform(*DigitsDataModule().normalization, None)(torch.from_numpy(images)[:, None])
+    with torch.no_grad():
+        expected = net.eval()(x).softmax(dim=1).numpy()
+    assert not np.allclose(expected, expected_probabilities(result, images), atol=1e-3)
+    with serving("models:/digits-epoch-0@candidate", uri, tmp_path) as url:
+        answers = invocations(url, images.tolist()).json()["predictions"]
+    np.testing.assert_allclose(probabilities(answers), expected, atol=1e-5)
 
 
 def invocations(url: str, inputs) -> requests.Response:

@@ -143,7 +143,11 @@ class ServedClasses:
 
 
 def log_served_classifier(
-    net: nn.Module, net_spec: dict, served: ServedClasses, example_batch: torch.Tensor
+    net: nn.Module,
+    net_spec: dict,
+    served: ServedClasses,
+    example_batch: torch.Tensor,
+    name: str = "classifier",
 ) -> ModelInfo:
     """The model `dlharness-serve` serves: raw images in, class names out (no dlharness needed)."""
     # log_classifier saves only the weights, as float32 on the CPU: no copy of the network.
@@ -154,6 +158,7 @@ def log_served_classifier(
         served.class_names,
         served.preprocessing,
         served.preprocessing.raw_images(example_batch[:2]),
+        name=name,
     )
 
 

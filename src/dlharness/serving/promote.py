@@ -52,6 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--rollback", action="store_true", help="put --to back on its previous holder"
     )
     action.add_argument("--list", action="store_true", help="print versions, aliases, metrics")
+    action.add_argument(
+        "--checkpoint",
+        metavar="TARGET",
+        help="register the classifier of a stored checkpoint as a new version with alias "
+        "candidate: models:/MODEL_ID (a checkpoint's LoggedModel), or a run id with --epoch",
+    )
+    parser.add_argument(
+        "--epoch",
+        type=int,
+        default=None,
+        help="with --checkpoint RUN_ID: that epoch's checkpoint (default: the latest)",
+    )
     parser.add_argument(
         "--tracking-uri",
         default=None,
@@ -87,13 +99,30 @@ def versions_table(registry: Registry, name: str, metric: str) -> Table:
     return table
 
 
+def register_checkpoint(name: str, target: str, epoch: int | None, uri: str) -> int:
+    # Imported here: --list and the alias moves answer without loading torch.
+    from dlharness.serving.checkpoint_classifier import log_checkpoint_classifier
+
+    logged = log_checkpoint_classifier(target, epoch, uri, register=name)
+    print(
+        f"{name}@{CANDIDATE} → version {logged.registered_version}: the classifier of "
+        f"epoch {logged.epoch} of run {logged.run_id} ({logged.model_uri})"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     try:
         if args.source == args.target:
             raise UsageError(f"--from and --to are both {args.source!r}")
-        registry = Registry(MlflowClient(existing_store(args.tracking_uri)))
+        if args.epoch is not None and args.checkpoint is None:
+            raise UsageError("--epoch needs --checkpoint RUN_ID")
+        uri = existing_store(args.tracking_uri)
+        if args.checkpoint is not None:
+            return register_checkpoint(args.name, args.checkpoint, args.epoch, uri)
+        registry = Registry(MlflowClient(uri))
         if args.list:
             console = Console() if sys.stdout.isatty() else Console(width=200)
             console.print(versions_table(registry, args.name, args.metric))
