@@ -39,6 +39,8 @@ VARIANTS = {
     "b": "bare_lightning",
     "c": "dlharness",
     "d": "autolog_defaults",
+    # dlharness with tracker.logged_models off: what a LoggedModel per checkpoint costs (c - e).
+    "e": "dlharness_without_logged_models",
 }
 # Budgets from the performance issues: training-phase ratios (checked on the paired ratio, the
 # median over rounds of each round's ratio) and dlharness's end-of-run cost in seconds.
@@ -433,6 +435,8 @@ def worker(variant: str, work: Workload, device: str, scratch: Path) -> dict[str
     elif variant in ("b", "d"):
         measured = run_lightning(cfg, work, device, autolog=variant == "d")
     else:
+        if variant == "e":
+            cfg.tracker.logged_models = False
         measured = run_dlharness(cfg, work, device)
     # ru_maxrss is in KiB on Linux.
     measured["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -522,7 +526,7 @@ def measure(
     # Fit (the whole training phase) and the steady epoch (after the first, which compiles).
     for time_key, prefix in (("fit_s", "ratio"), ("steady_epoch_s", "steady_ratio")):
         median = {v: result[f"{v}_{VARIANTS[v]}"][time_key]["median"] for v in variants}
-        for top, bottom in (("c", "b"), ("b", "a"), ("d", "b")):
+        for top, bottom in (("c", "b"), ("b", "a"), ("d", "b"), ("c", "e")):
             if top not in median or bottom not in median:
                 continue
             result[f"{prefix}_{top}_over_{bottom}"] = median[top] / median[bottom]
@@ -635,7 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated: digits, heavy; with --device gpu: gpu_heavy, "
         "gpu_heavy_data_on_device, gpu_fast (default: all of the device's)",
     )
-    parser.add_argument("--variants", default="abcd", help="subset of abcd (default: %(default)s)")
+    parser.add_argument(
+        "--variants",
+        default="abcd",
+        help="subset of abcde (e: c with tracker.logged_models off) (default: %(default)s)",
+    )
     # Seven rounds: fewer cannot tell a ratio of 1.10 from 1.20 on a noisy 2-core machine.
     parser.add_argument(
         "--repeats",

@@ -7,6 +7,7 @@ download). Selectors are MLflow 3's own test ids and component ids where it has 
 from __future__ import annotations
 
 import contextlib
+import html
 import re
 import shutil
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ CHROMIUM_ARGS = [
 # running the test suite beside it make a first render take seconds.
 TIMEOUT_MS = 60_000
 VIEWPORT = {"width": 1400, "height": 900}
+WIDE_VIEWPORT = {"width": 5000, "height": 900}
 
 
 def chromium_path() -> str | None:
@@ -123,6 +125,38 @@ class MlflowUi:
         # its position may land elsewhere (seen in CI), so the click goes to the element.
         link.dispatch_event("click")
         self.wait_for_route("metric")
+
+    def models_table(self, experiment_id: str) -> dict[str, dict[str, str]]:
+        """The experiment's Models tab ("Model training" view): each row's cells by column
+        id, by model name. A metric's column id names it and its dataset,
+        ``metrics.{"metricKey":"val/acc","datasetName":...,"datasetDigest":...}``."""
+        # Wide enough that the grid renders every column (it draws only those in view).
+        self.page.set_viewport_size(WIDE_VIEWPORT)
+        self.go(f"experiments/{experiment_id}/models?workflowType=machine_learning")
+        self.close_assistant()
+        self.page.locator(".ag-row").first.wait_for()
+        rows = {}
+        for row in self.page.locator(".ag-center-cols-container .ag-row").all():
+            index = row.get_attribute("row-index")
+            cells = self.page.locator(f".ag-row[row-index='{index}'] .ag-cell").evaluate_all(
+                "els => els.map(e => [e.getAttribute('col-id'), e.innerText])"
+            )
+            # Cells carry their column id HTML-escaped (the header cells do not).
+            values = {html.unescape(column): text.strip() for column, text in cells}
+            rows[values["name"].splitlines()[-1]] = values
+        return rows
+
+    def models_charts(self, experiment_id: str, search: str) -> None:
+        """The Models tab's chart view (a bar per model for each linked metric and dataset),
+        its charts filtered by `search`."""
+        self.go(f"experiments/{experiment_id}/models?workflowType=machine_learning")
+        self.close_assistant()
+        self.page.locator(".ag-row").first.wait_for()
+        # The view switch is a pair of icon radio buttons: list, then charts.
+        switch = self.page.locator('[data-component-id="mlflow.logged_model.list.view-mode"]')
+        box = switch.bounding_box()
+        self.page.mouse.click(box["x"] + box["width"] * 0.75, box["y"] + box["height"] / 2)
+        self.page.get_by_placeholder("Search metric charts").fill(search)
 
     def wait_for_route(self, route: str) -> None:
         """Wait until the single-page app shows `route` (a hash change fires no load event)."""

@@ -90,6 +90,13 @@ def photograph(url: str, experiment_id: str, run_ids: list[str], names: list[str
         page.line_paths()
         page.screenshot(out / "compare-val-acc.png")
 
+        page.go(f"experiments/{experiment_id}/models?workflowType=machine_learning")
+        page.page.get_by_text(f"{names[0]}-epoch-0").first.wait_for()
+        page.screenshot(out / "models-tab.png")
+        page.models_charts(experiment_id, "val/acc")
+        page.page.locator(".js-plotly-plot, svg.main-svg").first.wait_for()
+        page.screenshot(out / "models-val-acc.png")
+
         page.go("models/digits")
         page.page.get_by_text("champion").first.wait_for()
         page.screenshot(out / "registry.png")

@@ -34,6 +34,7 @@ from dlharness.tracking.checkpointing.artifacts import (
     LATEST_CHECKPOINT_TAG,
     stored_epochs,
 )
+from dlharness.tracking.checkpointing.logged_models import checkpoint_models
 from dlharness.tracking.spool import HTTP_DEFAULTS, Spool, SpoolWarning
 from dlharness.training.cli import main as train_main
 from dlharness.training.config import load_config
@@ -87,6 +88,10 @@ def assert_same_as_reference(client: MlflowClient, run_id: str, ref_uri: str, re
     assert stored_epochs(client, run_id) == stored_epochs(MlflowClient(ref_uri), ref_run)
     for key in (BEST_EPOCH_TAG, LATEST_CHECKPOINT_TAG):
         assert ours.data.tags.get(key) == theirs.data.tags.get(key), key
+    # The same checkpoint models, made late if the server was silent when they were stored.
+    assert checkpoint_model_summary(client, ours) == checkpoint_model_summary(
+        MlflowClient(ref_uri), theirs
+    )
     mlflow.set_tracking_uri(url)
     model = mlflow.pytorch.load_model(f"runs:/{run_id}/model")
     mlflow.set_tracking_uri(ref_uri)
@@ -103,6 +108,19 @@ def assert_same_as_reference(client: MlflowClient, run_id: str, ref_uri: str, re
     np.testing.assert_allclose(
         list(served.probabilities.values()), list(ref.probabilities.values()), atol=1e-6
     )
+
+
+def checkpoint_model_summary(client: MlflowClient, run) -> dict[int, tuple]:
+    """Per checkpoint model: its status, roles and linked metrics (value and dataset)."""
+    models = checkpoint_models(client, run.info.experiment_id, run.info.run_id)
+    return {
+        epoch: (
+            model.status,
+            sorted(k for k in model.tags if k in ("dlharness.latest", "dlharness.best")),
+            sorted((m.key, m.value, m.step, m.dataset_name) for m in model.metrics),
+        )
+        for epoch, model in models.items()
+    }
 
 
 def cli_through_outage(

@@ -100,3 +100,23 @@ def test_two_selected_runs_compare_with_both_epoch_curves(site, page):
     text = page.page.locator("body").inner_text()
     for name in names:
         assert re.search(rf"{name}\s+[0-9.e-]+ \(step={EPOCHS - 1}\)", text), text[-1500:]
+
+
+def test_the_models_tab_lists_each_kept_checkpoint_with_its_val_acc(site, page):
+    url, experiment_id, runs, _ = site
+    table = page.models_table(experiment_id)
+    client = MlflowClient(url)
+    for run, name in runs:
+        history = {m.step: m.value for m in client.get_metric_history(run.run_id, "val/acc")}
+        [val] = [d.dataset for d in client.get_run(run.run_id).inputs.dataset_inputs
+                 if d.tags[0].value == "val"]  # fmt: skip
+        column = (
+            f'metrics.{{"metricKey":"val/acc","datasetName":"{val.name}",'
+            f'"datasetDigest":"{val.digest}"}}'
+        )
+        for epoch in range(EPOCHS):
+            row = table[f"{name}-epoch-{epoch}"]
+            assert row["status"] == "Ready"
+            assert float(row[column]) == pytest.approx(history[epoch], rel=1e-6)
+    checkpoints = [n for n in table if re.fullmatch(r".+-epoch-\d+", n)]
+    assert len(checkpoints) == EPOCHS * len(runs)

@@ -38,7 +38,12 @@ from dlharness.tracking.checkpointing.artifacts import (
     upload_checkpoint,
 )
 from dlharness.tracking.checkpointing.background_io import BackgroundCheckpointIO
-from dlharness.tracking.checkpointing.logged_models import CheckpointModels
+from dlharness.tracking.checkpointing.logged_models import (
+    MODEL_REPLAYERS,
+    CheckpointModels,
+    spool_checkpoint_model,
+    spool_model_deletion,
+)
 from dlharness.tracking.checkpointing.rng import capture_rng_state, restore_rng_state
 from dlharness.tracking.epoch_history import History, LoggedSteps, log_curve_files
 from dlharness.tracking.interruption import StopSignals, TrainingInterrupted
@@ -65,7 +70,7 @@ from dlharness.tracking.run_binding import (
     bind_run,
     status_after,
 )
-from dlharness.tracking.spool import Spool, SpoolingClient
+from dlharness.tracking.spool import Spool, SpoolingClient, is_unreachable
 from dlharness.tracking.worker import TrackingWorker
 
 log = logging.getLogger(__name__)
@@ -330,7 +335,8 @@ class MlflowTracking(Checkpoint):
             trainer, self.run_id, self.tracking_uri, self.experiment_name, self.run_name, self.tags
         )
         run_id, uri = self.run.run_id, self.run.tracking_uri
-        self._spool = Spool.open(self.spool_dir, run_id, uri)
+        # A journal an earlier process left may hold checkpoint models to make.
+        self._spool = Spool.open(self.spool_dir, run_id, uri, MODEL_REPLAYERS)
         self.client = SpoolingClient(uri, self.spool_dir, run_id)
         self._worker = TrackingWorker()
         if self.logged_models:
@@ -783,16 +789,23 @@ class MlflowTracking(Checkpoint):
     ) -> None:
         run_id = self.run.run_id
         metrics = self._logged.unsent(epoch, values) if values else []
+        model_id, spooled = None, False
         try:
             record = upload_checkpoint(self.client, run_id, epoch, partial, record)
-            model_id = self._checkpoint_model(epoch, partial.parent, record)
+            model_id, spooled = self._checkpoint_model(epoch, partial.parent, record)
             if model_id is not None:
                 metrics = self._models.link(metrics, model_id)
-            tag_checkpoint(self.client, run_id, epoch, best, metrics)
+            elif spooled:
+                # The values travel with the spooled model, linked to it when it is made.
+                spool_checkpoint_model(
+                    self.client, epoch, partial.parent, record, self._model_params,
+                    self.monitor, metrics, best,
+                )  # fmt: skip
+            tag_checkpoint(self.client, run_id, epoch, best, [] if spooled else metrics)
         except Exception:
             # The epoch's values are kept even when its checkpoint is not; the checkpoint's
             # failure is the one reported.
-            if metrics:
+            if metrics and not spooled:
                 with contextlib.suppress(Exception):
                     self._logged.send(self.client, run_id, epoch, values)
             raise
@@ -802,22 +815,35 @@ class MlflowTracking(Checkpoint):
             self._model_step("checkpoint model tags", self._models.stored, epoch, best)
         for old in doomed:
             delete_checkpoint(self.client, run_id, old)
-            if self._models is not None:
+            if self._models is None:
+                continue
+            if self.client.offline:
+                spool_model_deletion(self.client, old)
+            else:
                 self._model_step("checkpoint model deletion", self._models.delete, old)
 
-    def _checkpoint_model(self, epoch: int, folder: Path, record: dict[str, Any]) -> str | None:
-        """Epoch `epoch`'s LoggedModel, or None: turned off, the server silent (a model needs
-        the id it answers with), or its creation failed (said once; training goes on)."""
+    def _checkpoint_model(
+        self, epoch: int, folder: Path, record: dict[str, Any]
+    ) -> tuple[str | None, bool]:
+        """(epoch `epoch`'s LoggedModel, whether to spool it instead): none when turned off or
+        when its creation failed (said once; training goes on); spooled while the server does
+        not answer (a model needs the id it answers with)."""
         if self._models is None:
-            return None
-        if self.client.offline:
-            self._say("models offline", "MlflowTracking: checkpoints stored while the tracking "
-                      "server does not answer get no LoggedModel")  # fmt: skip
-            return None
-        return self._model_step(
-            "checkpoint model", self._models.create, epoch, folder, record,
-            self._model_params, self.monitor,
-        )  # fmt: skip
+            return None, False
+        if not self.client.offline:
+            models, params, monitor = self._models, self._model_params, self.monitor
+            try:
+                made = self.client.request(
+                    lambda: models.create(epoch, folder, record, params, monitor)
+                )
+                return made, False
+            except Exception as exc:
+                if not is_unreachable(exc):
+                    self._say("checkpoint model", "MlflowTracking: checkpoint model failed and "
+                              f"was skipped: {first_line(exc)}")  # fmt: skip
+                    return None, False
+        self._models.stale()
+        return None, True
 
     def _model_step(self, what: str, step: Callable[..., Any], *args: Any) -> Any:
         try:

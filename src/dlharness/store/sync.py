@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Imported here so that --help answers without loading MLflow.
     from dlharness.serving.model_logging import FINAL_MODEL_OP, replay_final_model
+    from dlharness.tracking.checkpointing.logged_models import MODEL_REPLAYERS
     from dlharness.tracking.spool import SYNCED, ReplayError, Spool, replay
     from dlharness.tracking.store_access import check_tracking_uri
 
@@ -48,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 continue
             uri = args.tracking_uri or spool.meta["tracking_uri"]
             check_tracking_uri(uri)
-            count = replay(spool, uri, {FINAL_MODEL_OP: replay_final_model})
+            count = replay(spool, uri, {FINAL_MODEL_OP: replay_final_model, **MODEL_REPLAYERS})
             print(f"{folder}: {count} spooled operations replayed into run {spool.run_id}")
     except UsageError as exc:
         print(f"dlharness-sync: error: {exc}", file=sys.stderr)

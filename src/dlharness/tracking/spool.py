@@ -472,6 +472,11 @@ class SpoolingClient(MlflowClient):
             self.spool.went_offline(exc)
         self.spool.append(op, files, **fields)
 
+    def request(self, call: Callable[[], Any]) -> Any:
+        """``call()``, a request of calls this client does not spool (a LoggedModel's): it
+        fails at once while the server is known silent, and marks it silent when unanswered."""
+        return self._read(call)
+
     def _read(self, read: Callable[[], Any]) -> Any:
         if self.spool.offline:
             raise ServerSilentError(

@@ -11,10 +11,14 @@ import contextlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mlflow.entities import LoggedModel, LoggedModelOutput, LoggedModelStatus, Metric
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+from dlharness.tracking.epoch_history import metric_batches
+from dlharness.tracking.spool import Spool, SpoolingClient
 
 MODEL_TYPE = "checkpoint"
 EPOCH_TAG = "dlharness.epoch"
@@ -26,6 +30,9 @@ MONITOR_VALUE_TAG = "dlharness.monitor_value"
 LATEST_TAG = "dlharness.latest"
 BEST_TAG = "dlharness.best"
 MODELS_URI = "models:/"
+# The spooled operations: a checkpoint's model created, and deleted, once the server answers.
+CHECKPOINT_MODEL_OP = "checkpoint_model"
+DELETE_CHECKPOINT_MODEL_OP = "delete_checkpoint_model"
 
 # (name, digest) of a dataset, by the context the run logged it with (train, val, test).
 Datasets = dict[str, tuple[str, str]]
@@ -163,15 +170,22 @@ class CheckpointModels:
         self._datasets: Datasets = {}
         self._latest: str | None = None
         self._best: str | None = None
+        self._stale = False
+
+    def stale(self) -> None:
+        """Models were spooled: read them back from the store before the next change."""
+        self._stale = self._joined = True
 
     def _read_run(self) -> None:
-        if self._experiment_id is not None:
+        if self._experiment_id is not None and not self._stale:
             return
+        self._stale = False
         run = self.client.get_run(self.run_id)
         self._experiment_id, self._run_name = run.info.experiment_id, run.info.run_name
         if self._joined:
             models = checkpoint_models(self.client, self._experiment_id, self.run_id)
             self.by_epoch = {epoch: model.model_id for epoch, model in models.items()}
+            self._latest = self._best = None
             for model in models.values():
                 self._latest = model.model_id if LATEST_TAG in model.tags else self._latest
                 self._best = model.model_id if BEST_TAG in model.tags else self._best
@@ -227,3 +241,66 @@ class CheckpointModels:
         self.client.delete_logged_model(model_id)
         self._latest = None if self._latest == model_id else self._latest
         self._best = None if self._best == model_id else self._best
+
+
+def spool_checkpoint_model(
+    client: SpoolingClient,
+    epoch: int,
+    folder: Path,
+    record: Mapping[str, object],
+    params: Mapping[str, str],
+    monitor: str | None,
+    metrics: Sequence[Metric],
+    best_epoch: int | None,
+) -> None:
+    """Epoch `epoch`'s model, its linked `metrics` and tags, made once the server answers (by
+    this process while it trains, else by ``dlharness-sync``)."""
+    client.spool_operation(
+        CHECKPOINT_MODEL_OP,
+        files={"checkpoint": folder},
+        replayer=replay_checkpoint_model,
+        epoch=epoch,
+        record=dict(record),
+        params=dict(params),
+        monitor=monitor,
+        metrics=[[m.key, m.value, m.timestamp, m.step] for m in metrics],
+        best_epoch=best_epoch,
+    )
+
+
+def spool_model_deletion(client: SpoolingClient, epoch: int) -> None:
+    client.spool_operation(
+        DELETE_CHECKPOINT_MODEL_OP, files={}, replayer=replay_model_deletion, epoch=epoch
+    )
+
+
+def replay_checkpoint_model(tracking_uri: str, spool: Spool, entry: dict[str, Any]) -> None:
+    client = MlflowClient(tracking_uri)
+    models = CheckpointModels(client, spool.run_id, joined=True)
+    epoch = entry["epoch"]
+    folder = spool.file(entry, "checkpoint")
+    model_id = models.create(epoch, folder, entry["record"], entry["params"], entry["monitor"])
+    # A replay run again after a partial one sends only what the run does not hold yet.
+    held = {
+        key: {m.step for m in client.get_metric_history(spool.run_id, key)}
+        for key in {key for key, *_ in entry["metrics"]}
+    }
+    metrics = [
+        Metric(key, value, timestamp, step)
+        for key, value, timestamp, step in entry["metrics"]
+        if step not in held[key]
+    ]
+    for batch in metric_batches(models.link(metrics, model_id)):
+        client.log_batch(spool.run_id, metrics=batch)
+    models.stored(epoch, entry["best_epoch"])
+
+
+def replay_model_deletion(tracking_uri: str, spool: Spool, entry: dict[str, Any]) -> None:
+    CheckpointModels(MlflowClient(tracking_uri), spool.run_id, joined=True).delete(entry["epoch"])
+
+
+# What `dlharness-sync` and the live catch-up replay, by operation.
+MODEL_REPLAYERS = {
+    CHECKPOINT_MODEL_OP: replay_checkpoint_model,
+    DELETE_CHECKPOINT_MODEL_OP: replay_model_deletion,
+}
