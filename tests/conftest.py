@@ -72,8 +72,8 @@ gc.callbacks.append(_freeze_survivors)
 # 356 s balanced).
 COSTLIEST_FILES_FIRST = (
     "test_outage.py", "test_resume.py", "test_server.py", "test_sweep.py", "test_multinode.py",
-    "test_dvc.py", "test_serving.py", "test_bench.py", "test_ui.py", "test_cli.py",
-    "test_auth.py", "test_harness_options.py", "test_examples.py",
+    "test_dvc.py", "test_serving.py", "test_bench.py", "test_ui.py", "test_logged_models.py",
+    "test_cli.py", "test_auth.py", "test_harness_options.py", "test_examples.py",
 )  # fmt: skip
 
 

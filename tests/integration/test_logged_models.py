@@ -122,11 +122,3 @@ def test_retention_deletes_the_models_of_dropped_checkpoints_and_a_resume_adds_n
     assert [e for e, m in models.items() if LATEST_TAG in m.tags] == [3]
     outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
     assert {m.model_id for m in models.values()} <= outputs
-
-
-def test_turned_off_there_are_no_checkpoint_models(tmp_path):
-    uri = make_store(tmp_path)
-    client = MlflowClient(uri)
-    result = train(tiny_config(uri, **{"trainer.max_epochs": 1, "tracker.logged_models": False}))
-    assert stored_epochs(client, result.run_id) == [0]
-    assert models_of(client, result.run_id) == {}

@@ -224,6 +224,15 @@ def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkp
     assert result["val_loss"] == pytest.approx(val_loss[best], rel=1e-5)
 
 
+def test_turned_off_the_checkpoints_are_no_models(uri):
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="plain", logged_models=False)
+    trainer_for(tracking, max_epochs=2).fit(ExternalModule(), datamodule=ExternalData())
+    client, run = MlflowClient(uri), only_run(uri, "plain")
+    assert stored_epochs(client, run.info.run_id) == [0, 1]
+    assert checkpoint_models(client, run.info.experiment_id, run.info.run_id) == {}
+    assert "val_loss" in run.data.metrics
+
+
 @pytest.mark.parametrize(
     ("choose", "expected"),
     [

@@ -792,7 +792,7 @@ class MlflowTracking(Checkpoint):
         model_id, spooled = None, False
         try:
             record = upload_checkpoint(self.client, run_id, epoch, partial, record)
-            model_id, spooled = self._checkpoint_model(epoch, partial.parent, record)
+            model_id, spooled = self._checkpoint_model(epoch, partial.parent, record, best)
             if model_id is not None:
                 metrics = self._models.link(metrics, model_id)
             elif spooled:
@@ -823,7 +823,7 @@ class MlflowTracking(Checkpoint):
                 self._model_step("checkpoint model deletion", self._models.delete, old)
 
     def _checkpoint_model(
-        self, epoch: int, folder: Path, record: dict[str, Any]
+        self, epoch: int, folder: Path, record: dict[str, Any], best: int | None
     ) -> tuple[str | None, bool]:
         """(epoch `epoch`'s LoggedModel, whether to spool it instead): none when turned off or
         when its creation failed (said once; training goes on); spooled while the server does
@@ -834,7 +834,7 @@ class MlflowTracking(Checkpoint):
             models, params, monitor = self._models, self._model_params, self.monitor
             try:
                 made = self.client.request(
-                    lambda: models.create(epoch, folder, record, params, monitor)
+                    lambda: models.create(epoch, folder, record, params, monitor, best)
                 )
                 return made, False
             except Exception as exc:

@@ -128,11 +128,14 @@ def checkpoint_models(
             return found
 
 
-def move_role(client: MlflowClient, tag: str, old: str | None, new: str | None) -> None:
-    """Tag `new` with `tag` and take it off `old` (latest or best changes hands)."""
+def move_role(
+    client: MlflowClient, tag: str, old: str | None, new: str | None, tagged: bool = False
+) -> None:
+    """Tag `new` with `tag` (unless it was `tagged` when created) and take it off `old`
+    (latest or best changes hands)."""
     if old == new:
         return
-    if new is not None:
+    if new is not None and not tagged:
         client.set_logged_model_tags(new, {tag: "true"})
     if old is not None:
         with contextlib.suppress(Exception):  # deleted with its checkpoint
@@ -197,9 +200,12 @@ class CheckpointModels:
         record: Mapping[str, object],
         params: Mapping[str, str],
         monitor: str | None,
+        best_epoch: int | None,
     ) -> str:
-        """The model of epoch `epoch`'s checkpoint, whose files are in `folder`; one stored
-        before for the same epoch (an interrupted epoch, a resume from an earlier one) goes."""
+        """The model of epoch `epoch`'s checkpoint, whose files are in `folder`, created as the
+        latest (and the best, if `best_epoch` is `epoch`: two writes fewer than tagging it
+        after); one stored before for the same epoch (an interrupted epoch, a resume from an
+        earlier one) goes."""
         self._read_run()
         if not self._datasets:  # logged when fitting started, or never (a BoringModel)
             self._datasets = run_datasets(self.client, self.run_id)
@@ -208,7 +214,10 @@ class CheckpointModels:
             EPOCH_TAG: str(epoch),
             GLOBAL_STEP_TAG: str(record.get("global_step", "")),
             SHA256_TAG: str(record.get("sha256", "")),
+            LATEST_TAG: "true",
         }
+        if best_epoch == epoch:
+            tags[BEST_TAG] = "true"
         if monitor is not None and monitor in record:
             tags |= {MONITOR_TAG: monitor, MONITOR_VALUE_TAG: str(record[monitor])}
         name = model_name(self._run_name, epoch)
@@ -222,14 +231,14 @@ class CheckpointModels:
         return linked(metrics, model_id, self._datasets)
 
     def stored(self, epoch: int, best_epoch: int | None) -> None:
-        """Epoch `epoch`'s checkpoint is the run's latest: its model joins the run's outputs
-        and takes the latest tag, and the best tag moves to `best_epoch`'s model."""
+        """Epoch `epoch`'s checkpoint is the run's latest: its model joins the run's outputs,
+        the latest tag leaves the model before, and the best tag moves to `best_epoch`'s."""
         model_id = self.by_epoch[epoch]
         record_output(self.client, self.run_id, model_id, epoch)
-        move_role(self.client, LATEST_TAG, self._latest, model_id)
+        move_role(self.client, LATEST_TAG, self._latest, model_id, tagged=True)
         self._latest = model_id
         best = self.by_epoch.get(best_epoch) if best_epoch is not None else None
-        move_role(self.client, BEST_TAG, self._best, best)
+        move_role(self.client, BEST_TAG, self._best, best, tagged=best_epoch == epoch)
         self._best = best
 
     def delete(self, epoch: int) -> None:
@@ -279,7 +288,9 @@ def replay_checkpoint_model(tracking_uri: str, spool: Spool, entry: dict[str, An
     models = CheckpointModels(client, spool.run_id, joined=True)
     epoch = entry["epoch"]
     folder = spool.file(entry, "checkpoint")
-    model_id = models.create(epoch, folder, entry["record"], entry["params"], entry["monitor"])
+    model_id = models.create(
+        epoch, folder, entry["record"], entry["params"], entry["monitor"], entry["best_epoch"]
+    )
     # A replay run again after a partial one sends only what the run does not hold yet.
     held = {
         key: {m.step for m in client.get_metric_history(spool.run_id, key)}
