@@ -26,7 +26,7 @@ def test_benchmark_smoke(tmp_path):
     cpu_section = {"date": "2026-11-25", "machine": {}, "workloads": {"heavy": heavy}}
     out.write_text(json.dumps({"gpu": gpu_section, "cpu": cpu_section}))
     tiny = ["--epochs", "1", "--repeats", "1", "--in-process", "--out", str(out)]
-    assert main([*tiny, "--workloads", "digits"]) == 0
+    assert main([*tiny, "--workloads", "digits", "--variants", "".join(VARIANTS)]) == 0
 
     results = json.loads(out.read_text())
     assert results["gpu"] == gpu_section

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from dlharness import checkpoint_path
+from dlharness.store import compare
 from dlharness.tracking.checkpointing.artifacts import fetch_checkpoint, file_sha256, stored_epochs
 from dlharness.tracking.checkpointing.logged_models import (
     BEST_TAG,
@@ -122,3 +125,18 @@ def test_retention_deletes_the_models_of_dropped_checkpoints_and_a_resume_adds_n
     assert [e for e, m in models.items() if LATEST_TAG in m.tags] == [3]
     outputs = {o.model_id for o in client.get_run(run_id).outputs.model_outputs}
     assert {m.model_id for m in models.values()} <= outputs
+
+
+def test_dlharness_compare_lists_the_checkpoints_best_first(four_epochs, capsys):
+    uri, run_id, _ = four_epochs
+    # The run named: the experiment also holds the fork another test makes.
+    argv = [run_id, "--checkpoints", "--metrics", "val/acc,val/loss", "--tracking-uri", uri]
+    assert compare.main(argv) == 0
+    rows = re.findall(r"(m-[0-9a-f]+) │ [\w-]+ +│ +(\d+) │ +([0-9.]+) │", capsys.readouterr().out)
+    history = {m.step: m.value for m in MlflowClient(uri).get_metric_history(run_id, "val/acc")}
+    assert len(rows) == 4
+    assert [float(value) for _, _, value in rows] == sorted(
+        (round(v, 4) for v in history.values()), reverse=True
+    )
+    models = models_of(MlflowClient(uri), run_id)
+    assert all(models[int(epoch)].model_id == model_id for model_id, epoch, _ in rows)

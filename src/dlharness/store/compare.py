@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dlharness.errors import EXIT_USAGE, OneLineArgumentParser, UsageError
+from dlharness.tracking.checkpointing.logged_models import EPOCH_TAG, MODEL_TYPE
 from dlharness.tracking.epoch_history import lower_is_better
 from dlharness.tracking.store_access import existing_store
 from dlharness.training.config import TrackingConfig
@@ -376,6 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: no)",
     )
     parser.add_argument(
+        "--checkpoints",
+        action="store_true",
+        help="one row per checkpoint model (LoggedModel) of the runs, best first by the first "
+        "metric, with its model id for --resume models:/ID (default: off)",
+    )
+    parser.add_argument(
         "--tracking-uri",
         help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
     )
@@ -423,6 +430,53 @@ def compare_epochs_of_run(
         if args.csv:
             with args.csv.open("w", newline="") as fh:
                 csv.writer(fh).writerows(rows)
+
+
+def checkpoint_rows(
+    client: MlflowClient, runs: Sequence[Run], metrics: Sequence[str]
+) -> list[list[str]]:
+    """One row per checkpoint model of `runs`, best first by the first of `metrics` (as
+    MLflow's `search_logged_models` orders them by a linked metric)."""
+    sort_by = metrics[0]
+    header = ["model id", "run", "epoch", *metrics, "tags"]
+    experiments = sorted({run.info.experiment_id for run in runs})
+    names = {run.info.run_id: run.info.run_name for run in runs}
+    models = []
+    token = None
+    while True:
+        page = client.search_logged_models(
+            experiments,
+            filter_string=f"model_type = '{MODEL_TYPE}'",
+            order_by=[{"field_name": f"metrics.{sort_by}", "ascending": lower_is_better(sort_by)}],
+            page_token=token,
+        )
+        models += [m for m in page if m.source_run_id in names]
+        token = page.token
+        if not token:
+            break
+    rows = [header]
+    for model in models:
+        values = {m.key: m.value for m in model.metrics}
+        roles = [role for role in ("latest", "best") if f"dlharness.{role}" in model.tags]
+        cells = [f"{values[k]:.4f}" if k in values else "–" for k in metrics]
+        epoch = model.tags.get(EPOCH_TAG, "")
+        rows.append([model.model_id, names[model.source_run_id], epoch, *cells, ", ".join(roles)])
+    return rows
+
+
+def compare_checkpoints(args: argparse.Namespace, comparison: Comparison, console: Console) -> None:
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if not metrics:
+        raise UsageError("--metrics needs at least one metric name")
+    runs = comparison.find_runs(args.experiment, args.run_ids, args.filter)
+    rows = checkpoint_rows(comparison.client, runs, metrics)
+    if len(rows) == 1:
+        raise UsageError("these runs have no checkpoint models (tracker.logged_models is off?)")
+    print_table(console, f"checkpoint models by {metrics[0]}, best first", rows)
+    if args.csv:
+        with args.csv.open("w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+        console.print(f"table written to {args.csv}")
 
 
 SWEEP_COLUMNS = (("trial", "sweep.trial"), ("state", "sweep.state"))
@@ -489,6 +543,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         comparison = Comparison(uri)
         if args.sweep:
             compare_sweep(args, comparison, console)
+        elif args.checkpoints:
+            compare_checkpoints(args, comparison, console)
         elif args.run:
             compare_epochs_of_run(args, comparison, console)
         else:
