@@ -11,6 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dlharness.tracking.checkpointing.artifacts import stored_epochs
+from dlharness.tracking.checkpointing.logged_models import checkpoint_models
 
 from ..conftest import PYTHON, REPO, artifact_paths, cli_env, empty_store
 
@@ -42,6 +43,12 @@ def test_own_module_example_under_two_process_ddp_then_resumed_in_one(tmp_path, 
     [run] = client.search_runs([experiment.experiment_id])  # rank 1 logged nothing
     assert run.info.run_id == run_id and run.info.status == "FINISHED"
     assert stored_epochs(client, run_id) == [0, 1]
+    # One model per checkpoint, from rank 0 alone.
+    models = checkpoint_models(client, experiment.experiment_id, run_id)
+    assert (
+        sorted(models) == [0, 1]
+        and len(client.search_logged_models([experiment.experiment_id])) == 2
+    )
 
     # Resumed as a reader would, in this process (a fresh interpreter spends ≈10 s on imports).
     monkeypatch.chdir(tmp_path)
@@ -53,6 +60,7 @@ def test_own_module_example_under_two_process_ddp_then_resumed_in_one(tmp_path, 
     for key in ("val_loss", "val_acc", "train_loss_epoch"):
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
     assert stored_epochs(client, run_id) == [0, 1, 2]
+    assert sorted(checkpoint_models(client, experiment.experiment_id, run_id)) == [0, 1, 2]
     pictures = {p for p in artifact_paths(client, run_id) if p.startswith("images/")}
     assert {f"images/val_confusion_matrix+step+{e}.png" for e in range(3)} <= pictures
     assert run.data.params["hidden"] == "64" and run.data.params["batch_size"] == "64"

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -222,6 +223,23 @@ def test_external_module_gets_every_epoch_metric_once_params_and_the_best_checkp
     # trainer.test(ckpt_path="best") and validate load the best stored checkpoint.
     [result] = trainer.validate(datamodule=ExternalData(), ckpt_path="best", verbose=False)
     assert result["val_loss"] == pytest.approx(val_loss[best], rel=1e-5)
+
+
+def test_a_model_that_cannot_be_created_warns_once_and_training_goes_on(uri, monkeypatch, caplog):
+    def refuse(*args, **kwargs):
+        raise MlflowException("INVALID_PARAMETER_VALUE: refused by the store")
+
+    monkeypatch.setattr(MlflowClient, "create_logged_model", refuse)
+    tracking = MlflowTracking(tracking_uri=uri, experiment_name="refused")
+    with caplog.at_level(logging.WARNING, logger="dlharness"):
+        trainer_for(tracking, max_epochs=2).fit(ExternalModule(), datamodule=ExternalData())
+    run = only_run(uri, "refused")
+    client = MlflowClient(uri)
+    assert run.info.status == "FINISHED" and stored_epochs(client, run.info.run_id) == [0, 1]
+    assert steps(client, run.info.run_id, "val_loss") == [0, 1]  # the values, unlinked
+    notes = [r.getMessage() for r in caplog.records if "checkpoint model" in r.getMessage()]
+    assert notes == ["MlflowTracking: checkpoint model failed and was skipped: "
+                     "INVALID_PARAMETER_VALUE: refused by the store"]  # fmt: skip
 
 
 def test_turned_off_the_checkpoints_are_no_models(uri):

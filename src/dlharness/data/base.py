@@ -4,18 +4,17 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import torch
+from mlflow.data.numpy_dataset import NumpyDataset
 from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 from torchvision.transforms import v2
 
 from dlharness.data.augmentation import AUGMENTATIONS, DRAW_RANGE, AugmentedSplit, crop_flip
-
-if TYPE_CHECKING:
-    from mlflow.data.numpy_dataset import NumpyDataset
+from dlharness.data.records import first_samples, split_record
 
 
 @dataclass(frozen=True)
@@ -217,17 +216,18 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def dataset_records(self) -> dict[str, NumpyDataset]:
         """MLflow's record (name, source, content digest, shape) of each split, by split."""
-        # Imported here: the content digest knows the data sets, which import this module.
-        from dlharness.data.records import split_record
-
-        return {split: split_record(self, split) for split in ("train", "val", "test")}
+        info = self.info
+        return {
+            split: split_record(
+                subset, f"{self.name}-{split}", self.source, info.in_channels, info.image_size
+            )
+            for split, subset in self.splits().items()
+        }
 
     def sample_images(self, count: int) -> tuple[np.ndarray, list[str], str]:
         """The first `count` training samples as the network sees them, their class names and
         a title."""
-        from dlharness.data.records import training_samples
-
-        images, captions = training_samples(self, count)
+        images, captions = first_samples(self.splits()["train"], self.info.class_names, count)
         return images, captions, f"{self.name}: training samples as the network sees them"
 
     def skipped_images(self) -> list[tuple[str, str]]:

@@ -12,15 +12,13 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision import datasets
 
-from dlharness.data.torchvision_sets import InMemoryImages
-
 
 @singledispatch
 def sample_bytes(dataset: Dataset, indices: Sequence[int]) -> Iterator[bytes]:
     raise TypeError(f"no content digest for {type(dataset).__name__}")
 
 
-def _rows(indices: Sequence[int], *tensors: torch.Tensor) -> Iterator[bytes]:
+def raw_rows(indices: Sequence[int], *tensors: torch.Tensor) -> Iterator[bytes]:
     # numpy indexing on purpose: a torch op on this (tracking) thread would start a second
     # OpenMP thread team that keeps competing with training for the cores.
     index = np.asarray(indices, dtype=np.int64)
@@ -30,17 +28,12 @@ def _rows(indices: Sequence[int], *tensors: torch.Tensor) -> Iterator[bytes]:
 
 @sample_bytes.register
 def _(dataset: TensorDataset, indices: Sequence[int]) -> Iterator[bytes]:
-    yield from _rows(indices, *dataset.tensors)
-
-
-@sample_bytes.register
-def _(dataset: InMemoryImages, indices: Sequence[int]) -> Iterator[bytes]:
-    yield from _rows(indices, dataset.images, dataset.labels)
+    yield from raw_rows(indices, *dataset.tensors)
 
 
 @sample_bytes.register
 def _(dataset: datasets.MNIST, indices: Sequence[int]) -> Iterator[bytes]:
-    yield from _rows(indices, dataset.data, dataset.targets)
+    yield from raw_rows(indices, dataset.data, dataset.targets)
 
 
 @sample_bytes.register

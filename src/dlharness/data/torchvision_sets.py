@@ -7,6 +7,7 @@ files are a one-line error naming the folder they were expected in.
 from __future__ import annotations
 
 import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -16,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets
 
 from dlharness.data.base import ClassificationDataModule, DataInfo, image_transform
+from dlharness.data.fingerprint import raw_rows, sample_bytes
 from dlharness.errors import UsageError, first_line
 
 
@@ -135,6 +137,11 @@ class InMemoryImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(self.images[index]), self.labels[index]
+
+
+@sample_bytes.register
+def _(dataset: InMemoryImages, indices: Sequence[int]) -> Iterator[bytes]:
+    yield from raw_rows(indices, dataset.images, dataset.labels)
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
